@@ -1,0 +1,1 @@
+"""Protocol buffer definitions; the Python stubs are generated at install time (see setup.py)."""
