@@ -147,7 +147,7 @@ def held_out_set(n: int = 20_000, seed: int = 1234, max_digits: int = 10) -> lis
     cells = [(la, lb) for la in range(1, max_digits + 1) for lb in range(1, max_digits + 1)]
     per_cell = -(-(n - len(out)) // len(cells))
     cell_rng = {cell: random.Random(f"{seed}:{cell}") for cell in cells}
-    budget = {cell: 60 * per_cell for cell in cells}
+    budget = {cell: 200 * per_cell + 2000 for cell in cells}
     quota = {cell: per_cell for cell in cells}
     while len(out) < n and any(budget[c] > 0 and quota[c] > 0 for c in cells):
         for cell in cells:

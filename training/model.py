@@ -40,8 +40,7 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 192
     n_slots: int = 12  # program slots: one per answer place, plus one spare
-    slot_dim: int = 24  # each slot's share of the head's input
-    hidden: int = 32  # executor hidden size H
+    hidden: int = 48  # executor hidden size H, a multiple of n_slots
     embed: int = 16  # executor token embedding size E
     vocab_size: int = vocab.VOCAB_SIZE
     max_steps: int = 12  # executor steps per program: 11 answer digits and <end>
@@ -87,7 +86,7 @@ class ProgramLayout:
         ]
 
 
-def place_values(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def place_values(ids: torch.Tensor, n_places: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each character's place value and role, computed from the ids alone.
 
     The place of a digit is its power of ten within its operand (0 for units),
@@ -106,7 +105,8 @@ def place_values(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # digits to the right of each position, within its own operand
     after_first = first.long().sum(1, keepdim=True) - torch.cumsum(first.long(), 1)
     after_second = second.long().sum(1, keepdim=True) - torch.cumsum(second.long(), 1)
-    places = torch.where(first, after_first, torch.where(second, after_second, 0))
+    # '+', '=' and padding sit at the far end of the place axis, away from every digit
+    places = torch.where(first, after_first, torch.where(second, after_second, n_places - 1))
     roles = torch.where(
         first, 0, torch.where(second, 1, torch.where(is_sep, 2, 3))
     )
@@ -144,6 +144,73 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class ProgramHead(nn.Module):
+    """Writes a program from the compiler's slot outputs.
+
+    The executor's H hidden units are split into ``n_slots`` groups of
+    u = H / n_slots units, and slot i writes everything that belongs to its
+    group: the rows of w_ih, w_hh, b_ih and b_hh that feed its units (all three
+    gates), the columns of w_out that read them, and their part of h0. One
+    linear map, shared by all slots, writes each slot's share, plus a learned
+    per-slot offset (the part of the program that is the same for every
+    problem, such as how control passes from one group to the next). Sharing
+    the map means what is learned about writing a digit at one place serves
+    every place. b_out is written from the mean of the slots.
+
+    NOTE: the structure (which slot writes which weights) is fixed by this
+    head; the executor itself only sees the flat program and knows none of it.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.hidden % cfg.n_slots:
+            raise ValueError("hidden must be a multiple of n_slots")
+        self.cfg = cfg
+        self.layout = ProgramLayout(cfg)
+        S, H, E, V = cfg.n_slots, cfg.hidden, cfg.embed, cfg.vocab_size
+        u = H // S
+        self.u = u
+        # one slot's share of the program, in this order
+        self.parts = {"w_ih": (3, u, E), "w_hh": (3, u, H), "b_ih": (3, u), "b_hh": (3, u),
+                      "w_out": (V, u), "h0": (u,)}
+        self.share = sum(math.prod(s) for s in self.parts.values())
+        self.slot_map = nn.Linear(cfg.d_model, self.share)
+        self.slot_base = nn.Parameter(torch.empty(S, self.share))
+        self.out_bias = nn.Linear(cfg.d_model, V)
+
+        # start from a freshly initialised GRU as the common program
+        bound = 1.0 / math.sqrt(H)
+        with torch.no_grad():
+            self.slot_base.uniform_(-bound, bound)
+            self.slot_base[:, -u:] = 0.0  # h0
+            self.slot_map.weight.normal_(0.0, 0.1 / math.sqrt(cfg.d_model))
+            self.slot_map.bias.zero_()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, S, C) slot outputs -> programs (B, P) in ``ProgramLayout`` order."""
+        B, S, _ = z.shape
+        H, E, V, u = self.cfg.hidden, self.cfg.embed, self.cfg.vocab_size, self.u
+        share = self.slot_map(z) + self.slot_base  # (B, S, share)
+        parts, start = {}, 0
+        for name, shape in self.parts.items():
+            size = math.prod(shape)
+            parts[name] = share[:, :, start : start + size].reshape(B, S, *shape)
+            start += size
+
+        # gather each slot's rows and columns into whole matrices
+        w_ih = parts["w_ih"].permute(0, 2, 1, 3, 4).reshape(B, 3 * H, E)  # (B, 3H, E)
+        w_hh = parts["w_hh"].permute(0, 2, 1, 3, 4).reshape(B, 3 * H, H)  # (B, 3H, H)
+        b_ih = parts["b_ih"].permute(0, 2, 1, 3).reshape(B, 3 * H)  # (B, 3H)
+        b_hh = parts["b_hh"].permute(0, 2, 1, 3).reshape(B, 3 * H)
+        w_out = parts["w_out"].permute(0, 2, 1, 3).reshape(B, V, H)  # (B, V, H)
+        h0 = parts["h0"].reshape(B, H)
+        b_out = self.out_bias(z.mean(dim=1))  # (B, V)
+        flat = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
+                "w_out": w_out, "b_out": b_out, "h0": h0}
+        return torch.cat([flat[n].reshape(B, -1) for n in self.layout.shapes], dim=1)
+
+
+
 class Compiler(nn.Module):
     """Transformer over the problem's characters and ``n_slots`` program slots.
 
@@ -154,9 +221,7 @@ class Compiler(nn.Module):
     are a fixed offset away whatever the operand lengths: carries are found by
     looking a fixed distance down, not by counting characters.
 
-    The slots' outputs, concatenated, go through one linear head that writes
-    the whole flat program. The head's bias is the program every problem starts
-    from; its weight writes how this problem differs.
+    The slots' outputs go through ``ProgramHead``, which writes the program.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -169,24 +234,22 @@ class Compiler(nn.Module):
         self.place_emb = nn.Embedding(n_places, cfg.d_model)
         self.role_emb = nn.Embedding(5, cfg.d_model)  # 4 = program slot
         self.slot_emb = nn.Parameter(torch.randn(cfg.n_slots, cfg.d_model) * 0.02)
-        self.rel_bias = nn.Parameter(torch.zeros(cfg.n_layers, cfg.n_heads, 2 * n_places - 1))
+        self.rel_bias = nn.Parameter(self._initial_bias(cfg, n_places))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.slot_proj = nn.Linear(cfg.d_model, cfg.slot_dim)
-        self.head = nn.Linear(cfg.n_slots * cfg.slot_dim, self.layout.size)
-        self._init_head()
+        self.head = ProgramHead(cfg)
 
-    def _init_head(self):
-        # the head's bias is a freshly initialised GRU: a sane starting program
-        H = self.cfg.hidden
-        base = torch.empty(self.layout.size)
-        bound = 1.0 / math.sqrt(H)
-        base.uniform_(-bound, bound)
-        a, b = self.layout.offsets["h0"]
-        base[a:b] = 0.0
-        with torch.no_grad():
-            self.head.bias.copy_(base)
-            self.head.weight.normal_(0.0, 0.3 / math.sqrt(self.head.in_features))
+    @staticmethod
+    def _initial_bias(cfg: ModelConfig, n_places: int) -> torch.Tensor:
+        """Relative-place bias that starts each head looking somewhere useful:
+        head 0 at the same place (aligning the operands' digits), head 1 one
+        place down and head 2 two places down (where carries come from); any
+        further heads start unbiased. Training is free to move all of them."""
+        rel = torch.arange(2 * n_places - 1) - (n_places - 1)  # query place - key place
+        bias = torch.zeros(cfg.n_layers, cfg.n_heads, rel.numel())
+        for head, (offset, slope) in enumerate([(0, 2.0), (1, 2.0), (2, 1.0)][: cfg.n_heads]):
+            bias[:, head] = -slope * (rel - offset).abs().float()
+        return bias
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) problem characters -> programs (B, P)."""
@@ -195,7 +258,7 @@ class Compiler(nn.Module):
         S = cfg.n_slots
 
         # embed characters by identity, place value and role; slots by index and place
-        places, roles = place_values(ids)
+        places, roles = place_values(ids, self.n_places)
         x = self.tok_emb(ids) + self.place_emb(places) + self.role_emb(roles)  # (B, T, C)
         slot_places = torch.arange(S, device=ids.device)
         slots = self.slot_emb + self.place_emb(slot_places) + self.role_emb.weight[4]
@@ -214,8 +277,7 @@ class Compiler(nn.Module):
             x = block(x, bias)
 
         # slots -> one flat program per row
-        z = self.slot_proj(self.ln_f(x[:, T:]))  # (B, S, slot_dim)
-        return self.head(z.reshape(B, S * cfg.slot_dim))  # (B, P)
+        return self.head(self.ln_f(x[:, T:]))  # (B, P)
 
 
 class Executor(nn.Module):

@@ -63,7 +63,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-problems", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for name in ("d_model", "n_layers", "n_heads", "d_ff", "n_slots", "slot_dim", "hidden", "embed"):
+    for name in ("d_model", "n_layers", "n_heads", "d_ff", "n_slots", "hidden", "embed"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     return ap.parse_args(argv)
 
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
 
     # model, optimizer and data stream, fresh or from the checkpoint
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(**{k: getattr(args, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "n_slots", "slot_dim", "hidden", "embed")})
+    cfg = ModelConfig(**{k: getattr(args, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "n_slots", "hidden", "embed")})
     state = None
     if args.resume and os.path.exists(args.out):
         model, state = checkpoint.load(args.out, map_location="cpu")
