@@ -138,6 +138,10 @@ class Scheduler:
         return self.config.max_rows - len(self._free_rows)
 
     @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
     def idle(self) -> bool:
         return not self._queue and not self._active and self._running is None
 

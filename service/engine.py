@@ -1,0 +1,327 @@
+"""The engine: one asyncio task that asks the scheduler for the next phase and runs it
+on the model runtime, and the tickets through which request handlers wait for answers.
+
+ONNX Runtime calls run in one dedicated worker thread, so the event loop keeps
+serving RPCs (and cancellations) while the compiler or executor computes, and
+the runtime only ever sees one call at a time. Everything else, the scheduler
+included, runs on the event loop thread and needs no locks.
+
+Failure isolation: when a compiler or executor call fails, the engine reruns
+the rows of that call one by one; only the rows that fail alone end with
+ExecutionFailed, their batch-mates carry on. Every accepted problem ends:
+answered, failed, expired, cancelled, or refused at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import Cancelled, ExecutionFailed, NotReady, ShuttingDown
+from service.metrics import Metrics
+from service.scheduler import (
+    CompilePhase,
+    ExecutePhase,
+    Idle,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+)
+from service.validation import validate_problem
+
+log = logging.getLogger(__name__)
+
+SUMMARY_INTERVAL_S = 30.0  # the periodic throughput line; silent while idle
+WARMUP_PROBLEMS = ("0+0=", "9999999999+1=", "7669+10132=", "1+9999999999=")
+
+
+class Ticket:
+    """An accepted problem, as its request handler sees it."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self._tokens: asyncio.Queue[int | None] = asyncio.Queue()  # ids, then None at the end
+        self._done = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def result(self) -> Request:
+        """Wait for the end; -> the finished request, or raise the error it ended with."""
+        await self._done.wait()
+        if self.request.error is not None:
+            raise self.request.error
+        return self.request
+
+    async def tokens(self) -> AsyncIterator[int]:
+        """Each token id as soon as the executor emits it; raises the request's error, if any."""
+        while (token := await self._tokens.get()) is not None:
+            yield token
+        await self.result()
+
+    def _emit(self, token: int) -> None:
+        self._tokens.put_nowait(token)
+
+    def _finish(self) -> None:
+        self._tokens.put_nowait(None)
+        self._done.set()
+
+
+@dataclass
+class _Summary:
+    """Counts for the periodic log line."""
+
+    answered: int = 0
+    compile_batches: int = 0
+    compiled: int = 0
+    execute_batches: int = 0
+    stepped: int = 0
+    since_ns: int = 0
+
+
+class Engine:
+    def __init__(self, runtime, config: SchedulerConfig, metrics: Metrics):
+        self.runtime = runtime
+        self.config = config
+        self.metrics = metrics
+        self.scheduler = Scheduler(config)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trex-runtime")
+        self._tickets: dict[int, Ticket] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._summary = _Summary(since_ns=time.monotonic_ns())
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._stopping
+
+    # --- lifecycle ---
+
+    async def warm_up(self) -> None:
+        """Run the compiler and executor once on a full batch before taking traffic,
+        so that ONNX Runtime's first-call allocations do not land on a client."""
+        rt = self.runtime
+        n = min(self.config.max_compile_batch, self.config.max_rows)
+        problems = [WARMUP_PROBLEMS[i % len(WARMUP_PROBLEMS)] for i in range(n)]
+        started_ns = time.monotonic_ns()
+        tokens = await self._in_worker(rt.generate, rt.encode(problems), self.config.step_limit)
+        answers = [rt.decode(row) for row in tokens[: len(WARMUP_PROBLEMS)]]
+        log.info(
+            "warm-up: %d problems in %.1f ms; %s",
+            n,
+            (time.monotonic_ns() - started_ns) / 1e6,
+            ", ".join(f"{p}{a}" for p, a in zip(WARMUP_PROBLEMS, answers)),
+        )
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="trex-engine")
+
+    def drain(self) -> None:
+        """Take no new problems; compile the queued ones without waiting for batch-mates."""
+        self.scheduler.drain()
+        self._wakeup.set()
+
+    async def stop(self) -> None:
+        """Finish the phase now running, refuse whatever is left, release the worker."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        now_ns = time.monotonic_ns()
+        for ticket in list(self._tickets.values()):
+            self.scheduler.cancel(ticket.request, ShuttingDown("the server stopped"), now_ns)
+        self._deliver_finished()
+        self._worker.shutdown(wait=True)
+
+    # --- requests ---
+
+    def submit(self, problem: str, timeout_s: float | None = None) -> Ticket:
+        """Validate and queue a problem; raises InvalidProblem, QueueFull, NotReady or
+        ShuttingDown instead of queueing it."""
+        if self._task is None:
+            raise NotReady("the model is still loading")
+        if not self.running:
+            raise ShuttingDown("the server is shutting down")
+        validate_problem(problem, self.runtime.max_digits)
+        now_ns = time.monotonic_ns()
+        deadline_ns = None if timeout_s is None else now_ns + int(timeout_s * 1e9)
+        request = self.scheduler.add(problem, now_ns, deadline_ns)
+        ticket = Ticket(request)
+        self._tickets[request.id] = ticket
+        log.debug("request %d queued: %r", request.id, problem)
+        self._update_gauges()
+        self._wakeup.set()
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        """The handler is done with ``ticket``: if it has not finished (the client
+        cancelled, or the deadline passed), stop working on it and free its row."""
+        if ticket.done:
+            return
+        if self.scheduler.cancel(ticket.request, Cancelled("cancelled"), time.monotonic_ns()):
+            log.debug("request %d cancelled", ticket.request.id)
+        self._deliver_finished()
+        self._update_gauges()
+
+    async def solve(self, problem: str, timeout_s: float | None = None) -> Request:
+        """Submit, wait for the answer, and release the row whatever happens to the caller."""
+        ticket = self.submit(problem, timeout_s)
+        try:
+            return await ticket.result()
+        finally:
+            self.release(ticket)
+
+    # --- the loop ---
+
+    async def _run(self) -> None:
+        log.info("engine running: %s", self.config)
+        while not self._stopping:
+            try:
+                await self._run_once()
+            except Exception:
+                # a bug in the loop must not leave clients waiting forever
+                log.exception("engine loop failed; failing the requests in flight and resetting")
+                self._reset()
+
+    async def _run_once(self) -> None:
+        self._wakeup.clear()
+        now_ns = time.monotonic_ns()
+        phase = self.scheduler.schedule(now_ns)
+        self._deliver_finished()  # deadlines that expired in schedule()
+
+        if isinstance(phase, Idle):
+            self._update_gauges()
+            self._log_summary(now_ns)
+            timeout_s = None if phase.wake_ns is None else max(0, phase.wake_ns - now_ns) / 1e9
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+            except asyncio.TimeoutError:  # the oldest problem's wait or a deadline ran out
+                pass
+            return
+
+        if isinstance(phase, CompilePhase):
+            await self._compile(phase)
+        else:
+            await self._execute(phase)
+        self._deliver_finished()
+        self._update_gauges()
+        self._log_summary(time.monotonic_ns())
+
+    async def _compile(self, phase: CompilePhase) -> None:
+        # one compiler call for the batch; on failure, each row alone
+        problems = [r.problem for r in phase.requests]
+        try:
+            await self._in_worker(self._compile_rows, problems, phase.rows)
+        except Exception as exc:  # noqa: BLE001 - isolated below, row by row
+            log.warning("compile batch of %d failed (%s); retrying one by one", len(problems), exc)
+            for request, row in zip(phase.requests, phase.rows):
+                if request.done:
+                    continue
+                try:
+                    await self._in_worker(self._compile_rows, [request.problem], [row])
+                except Exception as row_exc:  # noqa: BLE001 - ends this request only
+                    log.error(
+                        "request %d: compiling %r failed: %s", request.id, request.problem, row_exc
+                    )
+                    error = ExecutionFailed(f"the compiler failed on this problem: {row_exc}")
+                    self.scheduler.fail(phase, request, error, time.monotonic_ns())
+
+        self.scheduler.finish_compile(phase, time.monotonic_ns())
+        self.metrics.observe_compile(len(phase.requests))
+        self._summary.compile_batches += 1
+        self._summary.compiled += len(phase.requests)
+
+    def _compile_rows(self, problems: list[str], rows: list[int]) -> None:
+        self.runtime.compile(self.runtime.encode(problems), rows)
+
+    async def _execute(self, phase: ExecutePhase) -> None:
+        # one executor step for the batch; on failure, each row alone
+        rows = np.asarray(phase.rows, dtype=np.int64)
+        prev = np.asarray(phase.tokens, dtype=np.int64)
+        try:
+            tokens = await self._in_worker(self.runtime.step, rows, prev)
+        except Exception as exc:  # noqa: BLE001 - isolated below, row by row
+            # NOTE: assumes a failed call left the pool unchanged, as the runtime writes
+            # hidden states back only after the executor returned.
+            log.warning("execute batch of %d failed (%s); retrying one by one", len(rows), exc)
+            tokens = np.full(len(rows), -1, dtype=np.int64)
+            for i, request in enumerate(phase.requests):
+                if request.done:
+                    continue
+                try:
+                    one = await self._in_worker(self.runtime.step, rows[i : i + 1], prev[i : i + 1])
+                    tokens[i] = one[0]
+                except Exception as row_exc:  # noqa: BLE001 - ends this request only
+                    log.error("request %d: executor step failed: %s", request.id, row_exc)
+                    error = ExecutionFailed(f"the executor failed on this problem: {row_exc}")
+                    self.scheduler.fail(phase, request, error, time.monotonic_ns())
+
+        stepped = self.scheduler.finish_execute(phase, tokens, time.monotonic_ns())
+        for request in stepped:
+            self._tickets[request.id]._emit(request.tokens[-1])
+        self.metrics.observe_execute(len(phase.requests), len(stepped))
+        self._summary.execute_batches += 1
+        self._summary.stepped += len(phase.requests)
+
+    async def _in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    # --- bookkeeping ---
+
+    def _deliver_finished(self) -> None:
+        for request in self.scheduler.take_finished():
+            ticket = self._tickets.pop(request.id)
+            ticket._finish()
+            if request.error is None:
+                self.metrics.observe_answered(request)
+                self._summary.answered += 1
+                log.debug(
+                    "request %d answered: %s%s in %.2f ms (%d steps)",
+                    request.id,
+                    request.problem,
+                    self.runtime.decode(request.tokens),
+                    (request.finish_ns - request.arrival_ns) / 1e6,
+                    request.executor_steps,
+                )
+            else:
+                log.debug("request %d ended: %r", request.id, request.error)
+
+    def _update_gauges(self) -> None:
+        self.metrics.set_load(self.scheduler.queue_length, self.scheduler.active_rows)
+
+    def _reset(self) -> None:
+        """Fail every request in flight and start over with an empty scheduler."""
+        error = ExecutionFailed("internal error in the serving engine")
+        for ticket in self._tickets.values():
+            ticket.request.error = error
+            ticket._finish()
+        self._tickets.clear()
+        draining = self.scheduler.draining
+        self.scheduler = Scheduler(self.config)
+        if draining:
+            self.scheduler.drain()
+        self._update_gauges()
+
+    def _log_summary(self, now_ns: int) -> None:
+        s = self._summary
+        elapsed_s = (now_ns - s.since_ns) / 1e9
+        if elapsed_s < SUMMARY_INTERVAL_S:
+            return
+        if s.answered or s.compile_batches:
+            log.info(
+                "%d answered in %.0f s (%.1f/s); mean batch: compile %.1f, execute %.1f",
+                s.answered,
+                elapsed_s,
+                s.answered / elapsed_s,
+                s.compiled / max(s.compile_batches, 1),
+                s.stepped / max(s.execute_batches, 1),
+            )
+        self._summary = _Summary(since_ns=now_ns)
