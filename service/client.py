@@ -1,0 +1,171 @@
+"""Command-line client of the T-REX solve service.
+
+    trex-client --target localhost:50051 7669+10132=
+    trex-client --target localhost:50051 --file problems.txt --stats
+    printf '1+2=\\n30+12=\\n' | trex-client --target localhost:50051
+    trex-client --target localhost:50051 --stream 9999999999+1=
+
+Problems come from the command line, or one per line from --file (``-`` for stdin), or
+from stdin when neither is given. Answers are printed one per line in input order, with
+--stats followed by a tab and the per-request figures the server reports. A problem the
+server refuses leaves an empty line on stdout (so lines stay aligned with the input) and
+its line number, status code and message on stderr; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from protos.trex.v1 import trex_pb2, trex_pb2_grpc
+
+END = "<end>"
+
+
+@dataclass
+class Outcome:
+    problem: str
+    response: trex_pb2.SolveResponse | None = None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+    round_trip_s: float = 0.0
+
+
+def format_stats(outcome: Outcome) -> str:
+    r = outcome.response
+    tokens = len(r.tokens)
+    return " ".join(
+        [
+            f"tokens={tokens}",
+            f"compiler_passes={r.compiler_passes}",
+            f"executor_steps={r.executor_steps}",
+            f"passes_per_token={r.compiler_passes / tokens:.3f}" if tokens else "",
+            f"queue_ms={r.queue_time.ToNanoseconds() / 1e6:.3f}",
+            f"compile_ms={r.compile_time.ToNanoseconds() / 1e6:.3f}",
+            f"execute_ms={r.execute_time.ToNanoseconds() / 1e6:.3f}",
+            f"round_trip_ms={outcome.round_trip_s * 1e3:.3f}",
+            f"stop={trex_pb2.StopReason.Name(r.stop_reason)}",
+            f"model={r.model_version}",
+        ]
+    )
+
+
+async def solve_one(stub, problem: str, timeout_s: float | None, stream: bool) -> Outcome:
+    outcome = Outcome(problem)
+    started_s = time.perf_counter()
+    try:
+        if stream:
+            # print each token as it arrives; the last message holds the full result
+            async for message in stub.SolveStream(
+                trex_pb2.SolveRequest(problem=problem), timeout=timeout_s
+            ):
+                if message.HasField("token"):
+                    if message.token.text != END:  # <end> closes the line, in run()
+                        print(message.token.text, end="", flush=True)
+                else:
+                    outcome.response = message.result
+        else:
+            outcome.response = await stub.Solve(
+                trex_pb2.SolveRequest(problem=problem), timeout=timeout_s
+            )
+    except grpc.aio.AioRpcError as exc:
+        outcome.code, outcome.message = exc.code(), exc.details() or ""
+    outcome.round_trip_s = time.perf_counter() - started_s
+    return outcome
+
+
+async def run(
+    target: str,
+    problems: list[str],
+    concurrency: int,
+    timeout_s: float | None,
+    stats: bool,
+    stream: bool,
+) -> int:
+    """Solve ``problems``, print the answers in order; -> the number that failed."""
+    failed = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = trex_pb2_grpc.SolverStub(channel)
+        gate = asyncio.Semaphore(1 if stream else concurrency)
+
+        async def gated(problem: str) -> Outcome:
+            async with gate:
+                return await solve_one(stub, problem, timeout_s, stream)
+
+        tasks = [asyncio.create_task(gated(p)) for p in problems]
+        for line, task in enumerate(tasks, start=1):
+            outcome = await task
+            if outcome.code is not grpc.StatusCode.OK:
+                failed += 1
+                print(
+                    f"line {line}: {outcome.problem!r}: {outcome.code.name}: {outcome.message}",
+                    file=sys.stderr,
+                )
+                print(flush=True)
+                continue
+            answer = "" if stream else outcome.response.answer  # streamed digits are out already
+            print(answer + (f"\t{format_stats(outcome)}" if stats else ""), flush=True)
+    return failed
+
+
+def read_problems(args) -> list[str]:
+    if args.problems:
+        return list(args.problems)
+    if args.file in (None, "-"):
+        if args.file is None and sys.stdin.isatty():
+            raise SystemExit("trex-client: give problems as arguments, or --file, or on stdin")
+        text = sys.stdin.read()
+    else:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    # NOTE: only line endings are stripped; other whitespace reaches the server, which
+    # says what is wrong with it
+    return text.splitlines()
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="trex-client",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("problems", nargs="*", help="problems such as 7669+10132=")
+    ap.add_argument(
+        "--target",
+        default=os.environ.get("TREX_TARGET", "localhost:50051"),
+        help="server HOST:PORT (env TREX_TARGET; default %(default)s)",
+    )
+    ap.add_argument("--file", help="read problems from this file, one per line; - for stdin")
+    ap.add_argument(
+        "--concurrency", type=int, default=32, help="calls in flight at once (default %(default)s)"
+    )
+    ap.add_argument("--timeout", type=float, default=None, help="deadline of each call, seconds")
+    ap.add_argument("--stats", action="store_true", help="print per-request figures")
+    ap.add_argument(
+        "--stream", action="store_true", help="SolveStream: print tokens as they are emitted"
+    )
+    args = ap.parse_args(argv)
+    if args.problems and args.file:
+        ap.error("give problems as arguments or with --file, not both")
+    if args.concurrency < 1:
+        ap.error("--concurrency must be at least 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    problems = read_problems(args)
+    failed = asyncio.run(
+        run(args.target, problems, args.concurrency, args.timeout, args.stats, args.stream)
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
