@@ -1,0 +1,145 @@
+"""Shared fixtures of the service tests: the exported model and running servers.
+
+The model comes from models/onnx (or TREX_TEST_MODEL_DIR); servers run as subprocesses
+on 127.0.0.1 with free ports, exactly as ``trex-serve`` runs them, on the CPU provider.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT_S = 90.0
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    path = Path(os.environ.get("TREX_TEST_MODEL_DIR", REPO / "models" / "onnx"))
+    if not (path / "manifest.json").is_file():
+        pytest.fail(
+            f"no exported model in {path}: run trex-export --out {path} "
+            "(or point TREX_TEST_MODEL_DIR at an export folder)"
+        )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m service.server`` in a subprocess, with its log in a file."""
+
+    def __init__(self, model_dir: Path, log_path: Path, **flags):
+        self.port, self.metrics_port = free_port(), free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log_path = log_path
+        args = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "metrics_port": self.metrics_port,
+            "model_dir": model_dir,
+            "provider": "cpu",
+            "intra_op_threads": 1,  # NOTE: two shared cores; keep test servers from fighting
+            "log_level": "DEBUG",
+            **flags,
+        }
+        cmd = [sys.executable, "-m", "service.server"]
+        for name, value in args.items():
+            cmd += ["--" + name.replace("_", "-"), str(value)]
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_serving(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise RuntimeError(f"server not SERVING after {STARTUP_TIMEOUT_S} s:\n{self.log()}")
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """Every sample of /metrics: {(name, sorted labels): value}."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    """One sample's value; 0 for a labelled series not yet created."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for(condition, timeout_s: float = 10.0, what: str = "condition"):
+    """Poll ``condition()`` until it returns a true value; -> that value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def start_server(model_dir, tmp_path_factory):
+    """Factory: a SERVING server subprocess with the given flags, stopped at session end."""
+    servers = []
+
+    def start(**flags) -> ServerProcess:
+        log_path = tmp_path_factory.mktemp("server") / "server.log"
+        server = ServerProcess(model_dir, log_path, **flags)
+        servers.append(server)
+        server.wait_serving()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> ServerProcess:
+    """The server most tests share, with the default batching knobs."""
+    return start_server()
