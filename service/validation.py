@@ -15,7 +15,7 @@ from service.errors import InvalidProblem
 MAX_TEXT_CHARS = 1024
 
 DIGITS = frozenset("0123456789")
-OPERATORS = frozenset("-*/×÷x^%")
+OPERATORS = frozenset("-*/×÷^%")
 EXAMPLE = "e.g. 7669+10132="
 
 
