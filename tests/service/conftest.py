@@ -20,6 +20,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.runtime import Runtime
+
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 90.0
 
@@ -33,6 +35,12 @@ def model_dir() -> Path:
             "(or point TREX_TEST_MODEL_DIR at an export folder)"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir) -> Runtime:
+    """The same model run directly, without a server: what each served answer must be."""
+    return Runtime(model_dir, provider="cpu")
 
 
 def free_port() -> int:

@@ -19,18 +19,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from protos.trex.v1 import trex_pb2, trex_pb2_grpc
 from service.runtime import Runtime
+from service.server import ServerConfig, TrexServer
 from tests.service.conftest import REPO, metric, wait_for
 from training.data import Problem, held_out_set
 
 N_LOAD_PROBLEMS = 1000
 N_CLIENTS = 32
 END = "<end>"
-
-
-@pytest.fixture(scope="session")
-def reference(model_dir) -> Runtime:
-    """The same model run directly, without the server: what each answer must be."""
-    return Runtime(model_dir, provider="cpu")
 
 
 def solver(server) -> trex_pb2_grpc.SolverStub:
@@ -234,6 +229,40 @@ def test_model_info_names_version_and_provider(server, reference):
     labels = dict(info[0][1])
     assert labels["model_version"] == reference.model_version
     assert labels["provider"] == "CPUExecutionProvider"
+
+
+def test_health_turns_serving_only_once_the_model_is_loaded(model_dir, reference):
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    async def scenario():
+        config = ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=0,
+            model_dir=str(model_dir),
+            provider="cpu",
+            intra_op_threads=1,
+        )
+        server = TrexServer(config)
+        port = await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = trex_pb2_grpc.SolverStub(channel)
+            check = health_pb2.HealthCheckRequest(service="trex.v1.Solver")
+
+            # port open, model not loaded: NOT_SERVING, and calls are refused
+            assert (await health.Check(check)).status != serving
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Solve(solve_request("1+2="))
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+            await server.load()
+            assert (await health.Check(check)).status == serving
+            answer = (await stub.Solve(solve_request("1+2="))).answer
+        await server.stop(grace_s=1)
+        return answer
+
+    assert asyncio.run(scenario()) == reference.solve(["1+2="])[0]
 
 
 # --- refusals, deadlines and cancellation ---

@@ -1,0 +1,152 @@
+"""The engine in-process, on the real runtime: cancellation, shutdown and failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.engine import Engine
+from service.errors import Cancelled, ExecutionFailed, InvalidProblem, ShuttingDown
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.scheduler import SchedulerConfig, State
+
+LONG = "9999999999+9999999999="
+
+
+@pytest.fixture(scope="module")
+def runtime(model_dir) -> Runtime:
+    return Runtime(model_dir, provider="cpu", intra_op_threads=1, max_rows=16)
+
+
+def make_engine(runtime, **overrides) -> Engine:
+    config = SchedulerConfig(
+        max_rows=runtime.max_rows,
+        max_compile_batch=8,
+        max_execute_batch=16,
+        max_queue_delay_ns=1_000_000,
+        max_queue=32,
+        step_limit=runtime.max_steps,
+        start_id=runtime.start_id,
+        end_id=runtime.end_id,
+    )
+    return Engine(runtime, replace(config, **overrides), Metrics(CollectorRegistry()))
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 60))
+
+
+class FaultyRuntime:
+    """The real runtime, with a fault injected for one problem: its compile raises, or
+    every executor call that includes its row raises."""
+
+    def __init__(self, runtime: Runtime, bad_problem: str, fail_in: str):
+        self.runtime = runtime
+        self.bad_problem = bad_problem
+        self.fail_in = fail_in
+        self.bad_rows: set[int] = set()
+
+    def __getattr__(self, name):
+        return getattr(self.runtime, name)
+
+    def compile(self, ids, rows):
+        texts = ["".join(self.vocab[i] for i in row if i != self.pad_id) for row in ids]
+        bad = [int(r) for r, text in zip(rows, texts) if text == self.bad_problem]
+        if bad and self.fail_in == "compile":
+            raise RuntimeError("injected compiler fault")
+        self.runtime.compile(ids, rows)
+        self.bad_rows = set(bad)
+
+    def step(self, rows, tokens):
+        if self.fail_in == "step" and self.bad_rows & {int(r) for r in rows}:
+            raise RuntimeError("injected executor fault")
+        return self.runtime.step(rows, tokens)
+
+
+@pytest.mark.parametrize("fail_in", ["compile", "step"])
+def test_a_failing_problem_does_not_fail_its_batch_mates(runtime, fail_in):
+    problems = ["1+2=", "12345+54321=", "7669+10132=", "999+1="]
+    bad = "12345+54321="
+    expected = dict(zip(problems, runtime.solve(problems)))
+
+    async def scenario():
+        engine = make_engine(FaultyRuntime(runtime, bad, fail_in))
+        engine.start()
+        outcomes = await asyncio.gather(
+            *(engine.solve(p) for p in problems), return_exceptions=True
+        )
+        await engine.stop()
+        return engine, dict(zip(problems, outcomes))
+
+    engine, outcomes = run(scenario())
+    assert isinstance(outcomes.pop(bad), ExecutionFailed)
+    for problem, request in outcomes.items():
+        assert runtime.decode(request.tokens) == expected[problem]
+    assert engine.scheduler.active_rows == 0
+
+
+def test_release_frees_an_executing_row(runtime):
+    async def scenario():
+        engine = make_engine(runtime)
+        engine.start()
+        ticket = engine.submit(LONG)
+        while ticket.request.state in (State.QUEUED, State.COMPILING):
+            await asyncio.sleep(0)  # the engine yields between phases
+        assert ticket.request.state is State.ACTIVE  # compiled, not finished
+        engine.release(ticket)
+        with pytest.raises(Cancelled):
+            await ticket.result()
+        rows = engine.scheduler.active_rows
+        gauge = engine.metrics.registry.get_sample_value("trex_active_rows")
+        await engine.stop()
+        return rows, gauge, ticket.request
+
+    rows, gauge, request = run(scenario())
+    assert rows == 0 and gauge == 0
+    assert request.row is None and request.stop_reason is None
+
+
+def test_stream_of_tokens_matches_the_finished_request(runtime):
+    async def scenario():
+        engine = make_engine(runtime)
+        engine.start()
+        ticket = engine.submit(LONG)
+        streamed = [token async for token in ticket.tokens()]
+        await engine.stop()
+        return streamed, ticket.request
+
+    streamed, request = run(scenario())
+    assert streamed == request.tokens
+    assert runtime.decode(streamed) == runtime.solve([LONG])[0]
+
+
+def test_stop_refuses_what_was_never_started(runtime):
+    async def scenario():
+        engine = make_engine(runtime, max_queue_delay_ns=60_000_000_000)  # waits for a batch
+        engine.start()
+        ticket = engine.submit("1+2=")
+        await asyncio.sleep(0.05)
+        await engine.stop()
+        with pytest.raises(ShuttingDown):
+            engine.submit("3+4=")
+        return ticket
+
+    ticket = run(scenario())
+    assert ticket.done and isinstance(ticket.request.error, ShuttingDown)
+
+
+def test_submit_validates_against_the_models_digit_limit(runtime):
+    async def scenario():
+        engine = make_engine(runtime)
+        engine.start()
+        try:
+            engine.submit("1" * (runtime.max_digits + 1) + "+1=")
+        finally:
+            await engine.stop()
+
+    with pytest.raises(InvalidProblem, match=f"at most {runtime.max_digits}"):
+        run(scenario())
