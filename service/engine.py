@@ -247,7 +247,10 @@ class Engine:
         rows = np.asarray(phase.rows, dtype=np.int64)
         prev = np.asarray(phase.tokens, dtype=np.int64)
         try:
-            tokens = await self._in_worker(self.runtime.step, rows, prev)
+            # rows in ascending order: the runtime reads a run of consecutive rows in place
+            order = np.argsort(rows, kind="stable")
+            tokens = np.empty_like(prev)
+            tokens[order] = await self._in_worker(self.runtime.step, rows[order], prev[order])
         except Exception as exc:  # noqa: BLE001 - isolated below, row by row
             # NOTE: assumes a failed call left the pool unchanged, as the runtime writes
             # hidden states back only after the executor returned.

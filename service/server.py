@@ -102,11 +102,11 @@ def _cancel_code(context) -> grpc.StatusCode:
 
 
 def _log_failure(method: str, code: grpc.StatusCode, message: str, exc: Exception) -> None:
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("%s failed: %s", method, message, exc_info=not isinstance(exc, ServiceError))
+    if not isinstance(exc, ServiceError):  # a bug: the traceback is the useful part
+        log.error("%s failed: %s", method, message, exc_info=exc)
     elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         log.warning("%s refused: %s", method, message)
-    else:
+    else:  # the client's doing, or already logged by the engine (ExecutionFailed)
         log.debug("%s: %s %s", method, code.name, message)
 
 

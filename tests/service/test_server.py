@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from protos.trex.v1 import trex_pb2, trex_pb2_grpc
 from service.runtime import Runtime
-from service.server import ServerConfig, TrexServer
+from service.server import ServerConfig, TrexServer, parse_args
 from tests.service.conftest import REPO, metric, wait_for
 from training.data import Problem, held_out_set
 
@@ -417,3 +417,23 @@ def test_service_never_imports_torch():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# --- command line ---
+
+
+def test_flags_fall_back_to_env_vars_then_defaults(monkeypatch):
+    monkeypatch.setenv("TREX_MAX_QUEUE", "7")
+    monkeypatch.setenv("TREX_MAX_QUEUE_DELAY_MS", "0.5")
+    config = parse_args(["--port", "6000"])
+    assert (config.port, config.max_queue, config.max_queue_delay_ms) == (6000, 7, 0.5)
+    assert config.max_compile_batch == ServerConfig().max_compile_batch
+    assert parse_args(["--max-queue", "9"]).max_queue == 9  # a flag beats the env
+
+
+def test_bad_env_value_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv("TREX_PORT", "fifty")
+    with pytest.raises(SystemExit) as usage:
+        parse_args([])
+    assert usage.value.code == 2
+    assert "--port" in capsys.readouterr().err
