@@ -13,24 +13,38 @@ from collections import defaultdict
 import torch
 
 from training import checkpoint, data, vocab
+from training.baseline import Baseline, reversed_answer
 from training.model import TRex
 
 
-def solve(model: TRex, texts: list[str], batch_size: int = 1000):
-    """Greedy answers for ``texts`` and the cost: compiler passes per answer
-    (always one here) and executor steps."""
-    answers, steps = [], 0
+def _emitted(row: list[int]) -> int:
+    """Tokens a row emitted: up to and including its <end>, or all of them."""
+    return row.index(vocab.END_ID) + 1 if vocab.END_ID in row else len(row)
+
+
+def solve(model: TRex | Baseline, texts: list[str], batch_size: int = 1000):
+    """Greedy answers for ``texts`` and their cost in forward passes.
+
+    T-REX: one compiler pass per answer, then executor steps. The baseline:
+    one transformer pass per emitted token (the prefill writes the first).
+    """
+    answers, steps, passes = [], 0, 0
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
-        tokens, _, _ = model.generate(data.encode_problems(chunk))
-        for row in tokens.tolist():
-            answers.append(vocab.decode(row))
-            # steps this row ran: up to and including its <end>, or all of them
-            steps += row.index(vocab.END_ID) + 1 if vocab.END_ID in row else len(row)
-    return answers, {"compiler_passes": len(texts), "executor_steps": steps}
+        if isinstance(model, Baseline):
+            for row in model.generate(data.encode_problems(chunk)).tolist():
+                answers.append(reversed_answer(vocab.decode(row)))
+                passes += _emitted(row)
+        else:
+            tokens, _, _ = model.generate(data.encode_problems(chunk))
+            for row in tokens.tolist():
+                answers.append(vocab.decode(row))
+                steps += _emitted(row)
+            passes += len(chunk)
+    return answers, {"forward_passes": passes, "executor_steps": steps}
 
 
-def evaluate(model: TRex, problems: list[data.Problem], batch_size: int = 1000) -> dict:
+def evaluate(model: TRex | Baseline, problems: list[data.Problem], batch_size: int = 1000) -> dict:
     texts = [p.text for p in problems]
     answers, cost = solve(model, texts, batch_size)
     by_len = defaultdict(lambda: [0, 0])
@@ -59,9 +73,11 @@ def evaluate(model: TRex, problems: list[data.Problem], batch_size: int = 1000) 
             str(k): {"accuracy": c / t, "problems": t} for k, (c, t) in sorted(by_max.items())
         },
         "output_tokens": out_tokens,
-        "compiler_passes": cost["compiler_passes"],
-        "compiler_passes_per_answer": cost["compiler_passes"] / n,
-        "compiler_passes_per_output_token": cost["compiler_passes"] / out_tokens,
+        "model": "baseline" if isinstance(model, Baseline) else "trex",
+        # transformer forward passes: the compiler's, or each of the baseline's
+        "forward_passes": cost["forward_passes"],
+        "forward_passes_per_answer": cost["forward_passes"] / n,
+        "forward_passes_per_output_token": cost["forward_passes"] / out_tokens,
         "executor_steps_per_output_token": cost["executor_steps"] / out_tokens,
         "failures": failures,
     }
@@ -71,8 +87,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"held-out problems: {r['problems']}",
         f"exact match: {100 * r['accuracy']:.3f}%",
-        f"compiler passes per answer: {r['compiler_passes_per_answer']:.3f}",
-        f"compiler passes per output token: {r['compiler_passes_per_output_token']:.4f}",
+        f"transformer forward passes per answer: {r['forward_passes_per_answer']:.3f}",
+        f"transformer forward passes per output token: {r['forward_passes_per_output_token']:.4f}",
         f"executor steps per output token: {r['executor_steps_per_output_token']:.4f}",
         "by operand length (a problem counts under both of its operands):",
     ]

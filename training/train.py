@@ -2,6 +2,7 @@
 
     trex-train --out models/trex.pt --steps 8000            # one process, CPU or CUDA
     trex-train --out models/trex.pt --resume                 # go on from the checkpoint
+    trex-train --model baseline --out models/baseline.pt     # the token-by-token baseline
     torchrun --nproc-per-node 4 -m training.train --steps 8000   # several GPUs (DDP)
 
 Training is seeded; every ``--eval-every`` steps it scores held-out problems
@@ -24,13 +25,25 @@ from tqdm import tqdm
 
 from training import checkpoint, data, vocab
 from training.evaluate import evaluate
+from training.baseline import Baseline, BaselineConfig, reversed_answer
 from training.model import ModelConfig, TRex
 
 
-def get_batch(rng: random.Random, batch_size: int, cfg: ModelConfig, device):
+def get_batch(rng: random.Random, batch_size: int, cfg, device):
+    """Problems, the model's teacher-forced inputs and its targets.
+
+    T-REX: the executor's inputs start with <start>. The baseline reads the
+    answer so far (reversed digits, no <start>: it predicts the first digit at
+    the '=') and predicts one more token than it reads.
+    """
     problems = data.training_problems(rng, batch_size, cfg.max_digits)
     ids = data.encode_problems([p.text for p in problems])
-    inputs, targets = data.encode_answers([p.answer for p in problems], cfg.max_steps)
+    if isinstance(cfg, BaselineConfig):
+        answers = [reversed_answer(p.answer) for p in problems]
+        _, targets = data.encode_answers(answers, cfg.max_steps)
+        inputs = targets[:, :-1].masked_fill(targets[:, :-1] == vocab.END_ID, vocab.PAD_ID)
+    else:
+        inputs, targets = data.encode_answers([p.answer for p in problems], cfg.max_steps)
     return ids.to(device), inputs.to(device), targets.to(device)
 
 
@@ -51,6 +64,7 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def parse_args(argv=None):
     d = ModelConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("trex", "baseline"), default="trex")
     ap.add_argument("--out", default="models/trex.pt", help="checkpoint path")
     ap.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     ap.add_argument("--steps", type=int, default=8000)
@@ -87,14 +101,18 @@ def main(argv=None) -> None:
 
     # model, optimizer and data stream, fresh or from the checkpoint
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(**{k: getattr(args, k) for k in ("d_model", "n_layers", "n_heads", "d_ff", "n_slots", "hidden", "embed")})
+    shape = ("d_model", "n_layers", "n_heads", "d_ff")
+    if args.model == "baseline":
+        cfg = BaselineConfig(**{k: getattr(args, k) for k in shape})
+    else:
+        cfg = ModelConfig(**{k: getattr(args, k) for k in (*shape, "n_slots", "hidden", "embed")})
     state = None
     if args.resume and os.path.exists(args.out):
         model, state = checkpoint.load(args.out, map_location="cpu")
         cfg = model.cfg
         model.train()
     else:
-        model = TRex(cfg)
+        model = Baseline(cfg) if args.model == "baseline" else TRex(cfg)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step = 0
@@ -108,7 +126,7 @@ def main(argv=None) -> None:
     held_out = data.held_out_set(args.eval_problems, seed=99, max_digits=cfg.max_digits) if master else None
     if master:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"model: {n_params:,} parameters, program of {model.compiler.layout.size:,} weights, device {device}")
+        print(f"{args.model}: {n_params:,} parameters, device {device}")
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
