@@ -25,8 +25,6 @@ import grpc
 
 from protos.trex.v1 import trex_pb2, trex_pb2_grpc
 
-END = "<end>"
-
 
 @dataclass
 class Outcome:
@@ -66,7 +64,8 @@ async def solve_one(stub, problem: str, timeout_s: float | None, stream: bool) -
                 trex_pb2.SolveRequest(problem=problem), timeout=timeout_s
             ):
                 if message.HasField("token"):
-                    if message.token.text != END:  # <end> closes the line, in run()
+                    # digits only, as in the answer; <end> closes the line, in run()
+                    if message.token.text.isdigit():
                         print(message.token.text, end="", flush=True)
                 else:
                     outcome.response = message.result

@@ -1,7 +1,8 @@
 """Shared fixtures of the service tests: the exported model and running servers.
 
-The model comes from models/onnx (or TREX_TEST_MODEL_DIR); servers run as subprocesses
-on 127.0.0.1 with free ports, exactly as ``trex-serve`` runs them, on the CPU provider.
+The model is $TREX_TEST_MODEL_DIR, else the shipped models/onnx, else an export made for
+the session. Servers run as subprocesses on 127.0.0.1 with free ports, exactly as
+``trex-serve`` runs them, on the CPU provider.
 """
 
 from __future__ import annotations
@@ -23,17 +24,27 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
+SHIPPED_MODEL_DIR = REPO / "models" / "onnx"
 STARTUP_TIMEOUT_S = 90.0
 
 
+def chosen_model_dir() -> Path | None:
+    """$TREX_TEST_MODEL_DIR, else the shipped export if it is there; None otherwise."""
+    if os.environ.get("TREX_TEST_MODEL_DIR"):
+        return Path(os.environ["TREX_TEST_MODEL_DIR"])
+    return SHIPPED_MODEL_DIR if (SHIPPED_MODEL_DIR / "manifest.json").is_file() else None
+
+
 @pytest.fixture(scope="session")
-def model_dir() -> Path:
-    path = Path(os.environ.get("TREX_TEST_MODEL_DIR", REPO / "models" / "onnx"))
+def model_dir(request) -> Path:
+    """The export the service tests serve: chosen_model_dir(), or else this session's own
+    export of a checkpoint (``onnx_model_dir`` in tests/conftest.py), so that a checkout
+    without models still tests the whole service."""
+    path = chosen_model_dir()
+    if path is None:
+        return request.getfixturevalue("onnx_model_dir")
     if not (path / "manifest.json").is_file():
-        pytest.fail(
-            f"no exported model in {path}: run trex-export --out {path} "
-            "(or point TREX_TEST_MODEL_DIR at an export folder)"
-        )
+        pytest.fail(f"no exported model in {path} (TREX_TEST_MODEL_DIR)")
     return path
 
 
@@ -41,6 +52,15 @@ def model_dir() -> Path:
 def reference(model_dir) -> Runtime:
     """The same model run directly, without a server: what each served answer must be."""
     return Runtime(model_dir, provider="cpu")
+
+
+def expected_tokens(reference: Runtime, problem: str) -> list[str]:
+    """The tokens the model emits for ``problem`` when run directly: up to and including
+    <end>, or all ``max_steps`` of them if it never emits <end>."""
+    ids = [int(t) for t in reference.generate(reference.encode([problem]))[0]]
+    if reference.end_id in ids:
+        ids = ids[: ids.index(reference.end_id) + 1]
+    return [reference.vocab[i] for i in ids]
 
 
 def free_port() -> int:

@@ -18,9 +18,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from protos.trex.v1 import trex_pb2, trex_pb2_grpc
-from service.runtime import Runtime
 from service.server import ServerConfig, TrexServer, parse_args
-from tests.service.conftest import REPO, metric, wait_for
+from tests.service.conftest import REPO, chosen_model_dir, expected_tokens, metric, wait_for
 from training.data import Problem, held_out_set
 
 N_LOAD_PROBLEMS = 1000
@@ -36,12 +35,6 @@ def solve_request(problem: str) -> trex_pb2.SolveRequest:
     return trex_pb2.SolveRequest(problem=problem)
 
 
-def token_count(reference: Runtime, problem: str) -> int:
-    """Tokens the executor emits for ``problem`` when left to finish, <end> included."""
-    tokens = list(reference.generate(reference.encode([problem]))[0])
-    return tokens.index(reference.end_id) + 1 if reference.end_id in tokens else len(tokens)
-
-
 # --- answers ---
 
 
@@ -49,8 +42,11 @@ def test_solve_returns_the_answer_and_its_figures(server, reference):
     response = solver(server).Solve(solve_request("7669+10132="), timeout=30)
 
     assert response.answer == reference.solve(["7669+10132="])[0]
-    assert response.tokens[-1] == END and "".join(response.tokens[:-1]) == response.answer
-    assert response.stop_reason == trex_pb2.STOP_REASON_END
+    assert list(response.tokens) == expected_tokens(reference, "7669+10132=")
+    ended = response.tokens[-1] == END
+    assert response.stop_reason == (
+        trex_pb2.STOP_REASON_END if ended else trex_pb2.STOP_REASON_STEP_LIMIT
+    )
     assert response.compiler_passes == 1
     assert response.executor_steps == len(response.tokens)
     assert response.model_version == reference.model_version
@@ -66,7 +62,7 @@ def test_solve_stream_sends_each_token_then_the_result(server, reference):
     assert all(m.HasField("token") for m in tokens) and result.HasField("result")
     assert [m.token.step for m in tokens] == list(range(1, len(tokens) + 1))
     assert [m.token.text for m in tokens] == list(result.result.tokens)
-    assert tokens[-1].token.text == END
+    assert list(result.result.tokens) == expected_tokens(reference, "9999999999+1=")
     assert result.result.answer == reference.solve(["9999999999+1="])[0]
 
 
@@ -164,6 +160,8 @@ def test_served_answers_are_the_models_answers(load_run, reference):
 
 
 def test_served_answers_are_correct_sums(load_run):
+    if chosen_model_dir() is None:
+        pytest.skip("no shipped model: models/onnx is missing and TREX_TEST_MODEL_DIR unset")
     pairs = zip(load_run.problems, load_run.responses)
     wrong = [(p.text, r.answer) for p, r in pairs if r.answer != p.answer]
     assert not wrong, f"{len(wrong)} of {N_LOAD_PROBLEMS} wrong, e.g. {wrong[:5]}"
@@ -339,8 +337,8 @@ def test_cancelled_stream_frees_its_executing_row(one_row_per_step_server, refer
     server = one_row_per_step_server
     stub = solver(server)
     candidates = ["9999999999+9999999999=", "1234567890+8765432110=", "9999999999+1="]
-    problem = max(candidates, key=lambda p: token_count(reference, p))
-    full_tokens = token_count(reference, problem)
+    problem = max(candidates, key=lambda p: len(expected_tokens(reference, p)))
+    full_tokens = len(expected_tokens(reference, problem))
     assert full_tokens >= 2
     filler = [f"{i:010d}+9999999999=" for i in range(200)]
     before = server.metrics()
