@@ -438,7 +438,17 @@ def parse_args(argv=None) -> ServerConfig:
             choices=choices,
             help=f"{helps[f.name]} (env {env_name}; default %(default)s)",
         )
-    return ServerConfig(**vars(ap.parse_args(argv)))
+    config = ServerConfig(**vars(ap.parse_args(argv)))
+    # knobs checked here, so that a bad one is a usage error and not a failure after loading
+    for name in ("max_rows", "max_compile_batch", "max_execute_batch", "max_queue"):
+        if getattr(config, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    never_negative = ("port", "metrics_port", "intra_op_threads", "inter_op_threads")
+    never_negative += ("step_limit", "max_queue_delay_ms", "grace_period_s")
+    for name in never_negative:
+        if getattr(config, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must not be negative")
+    return config
 
 
 def main(argv=None) -> int:

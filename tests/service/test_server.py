@@ -435,3 +435,10 @@ def test_bad_env_value_is_a_usage_error(monkeypatch, capsys):
         parse_args([])
     assert usage.value.code == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_out_of_range_knob_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as usage:
+        parse_args(["--max-queue", "0"])
+    assert usage.value.code == 2
+    assert "--max-queue must be at least 1" in capsys.readouterr().err
