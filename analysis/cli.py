@@ -32,38 +32,46 @@ QUICK = {"n_sums": 5, "per_sum": 48, "tsne_n": 120, "cloud_n": 40}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="trex-analyze", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--checkpoint", default="models/trex.pt")
-    ap.add_argument("--out", default="docs/analysis", help="output folder")
+    ap = argparse.ArgumentParser(prog="trex-analyze", description=__doc__.split("\n\n")[0])
+    def sized(key: str) -> str:
+        return f"(default {FULL[key]}, with --quick {QUICK[key]})"
+
+    ap.add_argument("--checkpoint", default="models/trex.pt", help="(default %(default)s)")
+    ap.add_argument("--out", default="docs/analysis", help="output folder (default %(default)s)")
     ap.add_argument("--sum", type=int, default=123, dest="total",
-                    help="figure 1: all a+b with this sum")
+                    help="figure 1: all a+b with this sum (default %(default)s)")
     ap.add_argument("--sum-range", type=int, nargs=2, default=(10, 2000), metavar=("LO", "HI"),
-                    help="figure 2: sums sampled log-spaced in this range")
-    ap.add_argument("--n-sums", type=int, help=f"figure 2: sums sampled ({FULL['n_sums']})")
+                    help="figure 2: sums sampled log-spaced in this range (default 10 2000)")
+    ap.add_argument("--n-sums", type=int, help="figure 2: sums sampled " + sized("n_sums"))
     ap.add_argument("--per-sum", type=int,
-                    help=f"figure 2: at most this many problems per sum ({FULL['per_sum']})")
-    ap.add_argument("--tsne-n", type=int, help=f"figure 3: random problems ({FULL['tsne_n']})")
-    ap.add_argument("--perplexity", type=float, default=30.0, help="figure 3: t-SNE perplexity")
-    ap.add_argument("--knn", type=int, default=10, help="figure 3: neighbours for kNN purity")
+                    help="figure 2: at most this many problems per sum " + sized("per_sum"))
+    ap.add_argument("--tsne-n", type=int, help="figure 3: random problems " + sized("tsne_n"))
+    ap.add_argument("--perplexity", type=float, default=30.0,
+                    help="figure 3: t-SNE perplexity (default %(default)s)")
+    ap.add_argument("--knn", type=int, default=10,
+                    help="figure 3: neighbours for kNN purity (default %(default)s)")
     ap.add_argument("--cloud-n", type=int,
-                    help=f"figure 4: random problems whose states form the cloud ({FULL['cloud_n']})")
+                    help="figure 4: random problems whose states form the cloud " + sized("cloud_n"))
     ap.add_argument("--trajectories", nargs="+", default=["17000+801", "16000+1801"],
                     metavar="A+B", help="figure 4: problems whose trajectories are drawn; "
-                    "distances are measured from the first")
+                    "distances are measured from the first (default 17000+801 16000+1801)")
     ap.add_argument("--diverge-threshold", type=float, default=0.5,
-                    help="figure 4: relative distance at which trajectories count as diverged")
+                    help="figure 4: distance, relative to two random states at the same step, "
+                    "from which trajectories count as diverged (default %(default)s)")
     ap.add_argument("--quick", action="store_true",
-                    help="tiny sizes for a smoke run (sizes given explicitly still win)")
-    ap.add_argument("--batch-size", type=int, default=500)
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
+                    help="tiny sizes for a smoke run of seconds (sizes given explicitly still win)")
+    ap.add_argument("--batch-size", type=int, default=500,
+                    help="problems per compiler pass (default %(default)s)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    ap.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if len(args.trajectories) < 1:
-        ap.error("--trajectories needs at least one problem")
+    try:
+        args.trajectory_problems = [common.parse_problem(t) for t in args.trajectories]
+    except ValueError as e:
+        ap.error(f"--trajectories: {e}")
     if args.total < 0 or args.sum_range[0] > args.sum_range[1]:
         ap.error("sums must be >= 0 and --sum-range LO <= HI")
     return args
@@ -71,13 +79,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return analyze(args, sys.argv[1:] if argv is None else argv)
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process
+
+
+def analyze(args: argparse.Namespace, argv_shown: list[str]) -> int:
+    """Every figure, summary.json and the report; 0 on success, 2 on bad input."""
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not Path(args.checkpoint).is_file():
+        print(f"trex-analyze: no checkpoint at {args.checkpoint}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     model, state = checkpoint.load(args.checkpoint)
+    longest = max([len(str(args.total)), len(str(args.sum_range[1]))]
+                  + [max(len(p.a), len(p.b)) for p in args.trajectory_problems])
+    if longest > model.cfg.max_digits:
+        print(f"trex-analyze: operands of up to {model.cfg.max_digits} digits only", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     stages = [
         ("distances", "1/4 distances of equal-sum programs",
@@ -101,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
             seconds[key] = time.perf_counter() - t0
     total = time.perf_counter() - start
 
-    argv_shown = sys.argv[1:] if argv is None else argv
     meta = {
         "checkpoint": str(args.checkpoint),
         "step": state.get("step"),

@@ -134,8 +134,8 @@ def _plot(path: Path, cloud_xy, cloud_step, trajectories: list[dict], s: dict) -
                 label=f"{t['problem']} → {t['emitted'] or '∅'}" + ("" if t["correct"] else " (wrong)"))
         ax.plot(*pts[0], "*", color=colour, ms=14, mec="k")
         dx, dy = offsets[i % len(offsets)]
-        ax.annotate("h0", pts[0], xytext=(-dx - 12, -dy), textcoords="offset points",
-                    color=colour, fontsize=9)
+        ax.annotate("h0", pts[0], xytext=(-30, -4 - 14 * (i % len(offsets))),
+                    textcoords="offset points", color=colour, fontsize=9)
         for (x, y), label in zip(pts[1:], t["labels"]):
             ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points",
                         color=colour, fontsize=11, fontweight="bold")

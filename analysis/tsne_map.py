@@ -130,5 +130,5 @@ def _plot(path: Path, xy: np.ndarray, attrs: dict, purity: dict) -> None:
         ax.set_yticks([])
     fig.suptitle("t-SNE of generated programs of random problems", fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)

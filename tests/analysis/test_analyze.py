@@ -204,3 +204,13 @@ def test_carry_places_agree_with_digit_sums():
     assert common.carry_places(999, 1) == (0, 1, 2)
     assert common.carry_pattern(999, 1) == "ones→tens, tens→hundreds, hundreds→thousands"
     assert common.carry_pattern(123, 0) == "none"
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["--checkpoint", str(tmp_path / "none.pt"), "--out", str(out)]) == 2
+    ckpt = tiny_model(tmp_path / "tiny.pt")
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--sum", "10" * 6]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--trajectories", "12+x"])
+    assert not out.exists()
