@@ -149,6 +149,7 @@ def write(path: Path, meta: dict, s: dict) -> None:
             "",
             "| step | " + " | ".join(str(i) for i in range(len(rel))) + " |",
             "| --- |" + " --- |" * len(rel),
+            "| distance | " + " | ".join(_f(x, 2) for x in p["distance_by_step"]) + " |",
             "| relative distance | " + " | ".join(_f(x, 2) for x in rel) + " |",
             "",
             (f"Divergence step (first step with relative distance ≥ {h['threshold']}): **{step}**"
