@@ -29,6 +29,7 @@ from training.model import ProgramLayout
 # full-size defaults, and the --quick ones for a run of seconds
 FULL = {"n_sums": 48, "per_sum": 1000, "tsne_n": 2000, "cloud_n": 400}
 QUICK = {"n_sums": 5, "per_sum": 48, "tsne_n": 120, "cloud_n": 40}
+MAX_SUM = 3000  # figure 1 draws every pair of a+b=S: (S+1)^2 distances
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,8 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.trajectory_problems = [common.parse_problem(t) for t in args.trajectories]
     except ValueError as e:
         ap.error(f"--trajectories: {e}")
-    if args.total < 0 or args.sum_range[0] > args.sum_range[1]:
-        ap.error("sums must be >= 0 and --sum-range LO <= HI")
+    if not 0 <= args.total <= MAX_SUM:
+        ap.error(f"--sum: from 0 to {MAX_SUM} (its {MAX_SUM + 1} programs' pairwise distances)")
+    if not 0 <= args.sum_range[0] <= args.sum_range[1]:
+        ap.error("--sum-range: 0 <= LO <= HI")
     return args
 
 

@@ -86,7 +86,8 @@ def run(model: TRex, out: Path, total: int, batch_size: int, seed: int) -> dict:
     ints = [ints[i] for i in order]
     places = [places[i] for i in order]
     patterns = [common.carry_pattern(a, b) for a, b in ints]
-    answers = [tr.answers()[i] for i in order]
+    emitted = tr.answers()
+    answers = [emitted[i] for i in order]
     d = distance_matrix(tr.programs[order])
 
     summary = pattern_summary(d, patterns, np.random.default_rng(seed))
@@ -98,7 +99,7 @@ def run(model: TRex, out: Path, total: int, batch_size: int, seed: int) -> dict:
         problems=len(problems),
         patterns={p: patterns.count(p) for p in dict.fromkeys(patterns)},
         accuracy=sum(g == p.answer for p, g in zip(problems, answers)) / len(problems),
-        mean_distance=float(d[iu].mean()),
+        mean_distance=float(d[iu].mean()) if iu[0].size else float("nan"),
         spearman_distance_vs_abs_delta_a=common.spearman(d[iu], np.abs(a_arr[:, None] - a_arr)[iu]),
         spearman_distance_vs_carry_places_differing=common.spearman(d[iu], hamming[iu]),
     )

@@ -210,7 +210,9 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["--checkpoint", str(tmp_path / "none.pt"), "--out", str(out)]) == 2
     ckpt = tiny_model(tmp_path / "tiny.pt")
-    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--sum", "10" * 6]) == 2
-    with pytest.raises(SystemExit):
-        cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--trajectories", "12+x"])
+    too_long = ["--sum-range", "10", "1" + "0" * 11]  # longer than any operand the model reads
+    assert cli.main(["--checkpoint", str(ckpt), "--out", str(out), *too_long]) == 2
+    for bad in (["--trajectories", "12+x"], ["--sum", "-1"], ["--sum", "5000"]):
+        with pytest.raises(SystemExit):
+            cli.main(["--checkpoint", str(ckpt), "--out", str(out), *bad])
     assert not out.exists()
