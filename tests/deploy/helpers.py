@@ -186,3 +186,7 @@ def bucket_bounds(expr: str) -> set[tuple[str, str]]:
         for name, labels in re.findall(r"(trex_[a-z0-9_]+_bucket)\{([^}]*)\}", expr)
         for le in re.findall(r'le="([^"]+)"', labels)
     }
+
+
+def kn(resource: dict) -> str:
+    return f"{resource['kind']}/{resource['metadata']['name']}"
