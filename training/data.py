@@ -12,8 +12,10 @@ of them plus a few hand-picked edge cases (also rejected by training).
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -140,7 +142,28 @@ def held_out_set(n: int = 20_000, seed: int = 1234, max_digits: int = 10) -> lis
     Pairs of short operands have few held-out problems (two one-digit operands
     have one in a hundred of 100), so those cells hold what exists and the
     others make up the count.
+
+    Drawing it means rejecting 99 of every 100 candidates (a minute for the
+    full set), so the result is cached on disk under ``$TREX_CACHE`` (default
+    ~/.cache/trex), keyed by the arguments and by this file's contents.
     """
+    key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    cache_dir = Path(os.environ.get("TREX_CACHE", Path.home() / ".cache" / "trex"))
+    cached = cache_dir / f"held-out-{n}-{seed}-{max_digits}-{key}.txt"
+    if cached.exists():
+        return [parse(t) for t in cached.read_text().split()]
+    problems = _draw_held_out(n, seed, max_digits)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("\n".join(p.text for p in problems) + "\n")
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only home only costs the next caller the same minute
+    return problems
+
+
+def _draw_held_out(n: int, seed: int, max_digits: int) -> list[Problem]:
     rng = random.Random(seed)
     seen = set(EDGE_CASES)
     out = [parse(t) for t in EDGE_CASES]
