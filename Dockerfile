@@ -19,8 +19,9 @@ ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 # The venv made in the builder is copied as is into the final stage, so both must have the
 # same interpreter at the same path: Ubuntu 24.04's python3 (3.12).
 FROM ${BASE_IMAGE} AS python
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONDONTWRITEBYTECODE=1 \
+# an ARG, not ENV: apt's setting for the build only, not for the running server
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # Ubuntu's security updates change the patch versions under us; pinning them would only
 # make the build fail once the pinned version leaves the archive.
@@ -32,6 +33,7 @@ RUN apt-get update \
 
 # --- builder: the wheel (gRPC stubs generated here) and a venv with serving deps only ----
 FROM python AS builder
+ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv \
