@@ -284,7 +284,7 @@ async def bench_grpc(model: Model, args, problems, flags, progress: Progress) ->
         for clients in args.concurrency:
             progress.start(f"{model.label} gRPC closed loop, {clients} clients")
             point = await closed_loop(solver, problems, clients, **common)
-            out["points"].append({"mode": "grpc", **summarize(model.kind, point, problems)})
+            out["points"].append({"mode": "grpc", **summarize(point, problems)})
             progress.done()
         closed = [p for p in out["points"] if p["loop"] == "closed"]
         saturated = max(p["answers_per_s"] for p in closed)
@@ -301,7 +301,7 @@ async def bench_grpc(model: Model, args, problems, flags, progress: Progress) ->
                     seed=args.seed + i,
                     **common,
                 )
-                out["points"].append({"mode": "grpc", **summarize(model.kind, point, problems)})
+                out["points"].append({"mode": "grpc", **summarize(point, problems)})
                 progress.done()
 
         clients = max(args.concurrency)
@@ -317,8 +317,8 @@ async def bench_grpc(model: Model, args, problems, flags, progress: Progress) ->
             cycle=False,
             loop="accuracy",
         )
-        out["points"].append({"mode": "grpc", **summarize(model.kind, point, problems)})
-        out["groups"] = by_group(model.kind, point, problems)
+        out["points"].append({"mode": "grpc", **summarize(point, problems)})
+        out["groups"] = by_group(point, problems)
         progress.done()
 
         if args.profile > 0:
@@ -355,7 +355,7 @@ async def bench_engine(model: Model, args, problems, flags, progress: Progress) 
                 duration_s=args.duration,
                 max_requests=args.max_requests,
             )
-            out["points"].append({"mode": "engine", **summarize(model.kind, point, problems)})
+            out["points"].append({"mode": "engine", **summarize(point, problems)})
             progress.done()
         if args.profile > 0:
             progress.start(f"{model.label} engine-only profile, {max(args.concurrency)} clients")

@@ -44,6 +44,7 @@ class Reply:
     tokens: int = 0  # emitted tokens, <end> included
     compiler_passes: int = 0
     executor_steps: int = 0
+    message: str = ""  # why it failed
 
 
 @dataclass
@@ -122,7 +123,7 @@ class GrpcSolver:
                 trex_pb2.SolveRequest(problem=problem), timeout=self.timeout_s
             )
         except grpc.aio.AioRpcError as exc:
-            return Reply(exc.code().name)
+            return Reply(exc.code().name, message=exc.details() or "")
         return Reply(OK, r.answer, len(r.tokens), r.compiler_passes, r.executor_steps)
 
     async def close(self) -> None:
@@ -143,7 +144,8 @@ class EngineSolver:
         try:
             r = await self.engine.solve(problem, self.timeout_s)
         except ServiceError as exc:
-            return Reply(status_of(exc)[0].name)
+            code, message = status_of(exc)
+            return Reply(code.name, message=message)
         answer = self.engine.runtime.decode(r.tokens)
         return Reply(OK, answer, len(r.tokens), r.compiler_passes, r.executor_steps)
 

@@ -3,14 +3,13 @@
 Forward passes: what the comparison is about is *transformer* forward passes per output
 token. A T-REX answer costs one compiler pass (a transformer) and then one executor step
 (a small GRU, not a transformer) per token; a baseline answer costs one transformer pass per
-token, the prefill over the problem writing the first one. So per answer:
-
-    trex      transformer passes = compiler passes
-    baseline  transformer passes = tokens emitted (prefill + one decode pass per further token)
+token, the prefill over the problem writing the first one. The service reports exactly that
+as ``SolveResponse.compiler_passes`` (per answer) and ``trex_compiler_forward_passes_total``
+(per server), for either kind of model, so the figures here need not know the kind.
 
 Tokens are counted as the service counts them: every emitted token, ``<end>`` included.
-The same ratio is also taken from the server's own counters over the window, as a check
-that the responses and the metrics agree.
+Passes per token is taken from the responses, and again from the server's counters over the
+window, as a check that the two agree.
 """
 
 from __future__ import annotations
@@ -25,13 +24,9 @@ from bench.problems import ALL, GROUPS, BenchProblem
 
 log = logging.getLogger(__name__)
 
-TREX, BASELINE = "trex", "baseline"
 
-
-def transformer_passes(kind: str, reply: Reply) -> int:
+def transformer_passes(reply: Reply) -> int:
     """Transformer forward passes one answered request cost."""
-    if kind == BASELINE:
-        return reply.tokens
     return reply.compiler_passes
 
 
@@ -40,16 +35,12 @@ def _delta(point: PointResult, name: str, **labels) -> float:
     return point.after.samples.get(key, 0.0) - point.before.samples.get(key, 0.0)
 
 
-def metrics_passes_per_token(kind: str, point: PointResult) -> float | None:
+def metrics_passes_per_token(point: PointResult) -> float | None:
     """Transformer passes per output token from the server's counters over the window."""
     tokens = _delta(point, "trex_output_tokens_total")
     if tokens <= 0:
         return None
-    passes = _delta(point, "trex_compiler_forward_passes_total")
-    if kind == BASELINE:
-        # the compile phase is the prefill, each execute row-step one decode pass
-        passes += _delta(point, "trex_executor_steps_total")
-    return passes / tokens
+    return _delta(point, "trex_compiler_forward_passes_total") / tokens
 
 
 def _ms(values: list[float], q: float) -> float | None:
@@ -60,7 +51,7 @@ def _correct(o: Outcome, problems: list[BenchProblem]) -> bool:
     return o.reply.answer == problems[o.index].answer
 
 
-def summarize(kind: str, point: PointResult, problems: list[BenchProblem]) -> dict:
+def summarize(point: PointResult, problems: list[BenchProblem]) -> dict:
     """One row of the results table, as a flat dict of plain numbers."""
     window = point.window_s
     finished = [o for o in point.finished_in_window() if o.ok]
@@ -69,7 +60,7 @@ def summarize(kind: str, point: PointResult, problems: list[BenchProblem]) -> di
     latencies = [o.latency_s for o in timed_ok]
     answered = len(finished)
     tokens = sum(o.reply.tokens for o in finished)
-    passes = sum(transformer_passes(kind, o.reply) for o in timed_ok)
+    passes = sum(transformer_passes(o.reply) for o in timed_ok)
     timed_tokens = sum(o.reply.tokens for o in timed_ok)
     errors = Counter(o.reply.code for o in timed if not o.ok)
     if point.cancelled:
@@ -90,7 +81,7 @@ def summarize(kind: str, point: PointResult, problems: list[BenchProblem]) -> di
         "p95_ms": _ms(latencies, 95),
         "p99_ms": _ms(latencies, 99),
         "passes_per_token": passes / timed_tokens if timed_tokens else None,
-        "metrics_passes_per_token": metrics_passes_per_token(kind, point),
+        "metrics_passes_per_token": metrics_passes_per_token(point),
         "server_cpu_s": server_cpu,
         "server_cpu_s_per_answer": server_cpu / answered if answered else None,
         "server_cores": server_cpu / window if window > 0 else 0.0,
@@ -99,6 +90,8 @@ def summarize(kind: str, point: PointResult, problems: list[BenchProblem]) -> di
         if timed_ok
         else None,
         "errors": dict(errors),
+        # one message per failing status, to say why without reading the server's log
+        "error_messages": {o.reply.code: o.reply.message for o in timed if not o.ok},
         "error_count": sum(errors.values()),
         "mean_compile_batch": _delta(point, "trex_batch_size_sum", phase="compile")
         / compile_batches
@@ -111,7 +104,7 @@ def summarize(kind: str, point: PointResult, problems: list[BenchProblem]) -> di
     }
 
 
-def by_group(kind: str, point: PointResult, problems: list[BenchProblem]) -> list[dict]:
+def by_group(point: PointResult, problems: list[BenchProblem]) -> list[dict]:
     """Per operand-length group (and all together): accuracy, tokens, passes, latency."""
     timed_ok = [o for o in point.timed() if o.ok]
     groups = {label: [] for label, _, _ in GROUPS}
@@ -130,8 +123,7 @@ def by_group(kind: str, point: PointResult, problems: list[BenchProblem]) -> lis
                 if outcomes
                 else None,
                 "tokens_per_answer": tokens / len(outcomes) if outcomes else None,
-                "passes_per_token": sum(transformer_passes(kind, o.reply) for o in outcomes)
-                / tokens
+                "passes_per_token": sum(transformer_passes(o.reply) for o in outcomes) / tokens
                 if tokens
                 else None,
                 "p50_ms": _ms(latencies, 50),

@@ -16,7 +16,8 @@ import pytest
 from bench import cli
 from bench.load import OK, SHED, PointResult, Reply, Snapshot, clock, closed_loop, open_loop
 from bench.problems import BenchProblem, group_of
-from bench.stats import BASELINE, TREX, metrics_passes_per_token, summarize
+from bench.report import BASELINE
+from bench.stats import metrics_passes_per_token, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = {"trex": REPO / "models" / "onnx", "baseline": REPO / "models" / "onnx-baseline"}
@@ -122,7 +123,7 @@ def test_closed_loop_keeps_n_in_flight_and_counts_only_the_window():
     assert all(point.before.at_s <= o.done_s <= point.after.at_s for o in counted)
     # 4 clients, 10 ms per answer: about 400/s
     assert 150 < len(counted) / point.window_s < 500
-    row = summarize(TREX, point, PROBLEMS)
+    row = summarize(point, PROBLEMS)
     assert row["accuracy"] == 1.0
     assert row["p50_ms"] >= 10
 
@@ -164,28 +165,25 @@ def test_open_loop_sheds_beyond_max_in_flight_and_times_from_arrival():
     assert point.shed > 0
     codes = {o.reply.code for o in point.timed()}
     assert codes <= {OK, SHED} and SHED in codes
-    row = summarize(TREX, point, PROBLEMS)
+    row = summarize(point, PROBLEMS)
     assert row["errors"][SHED] == point.shed
     assert row["p50_ms"] >= 200
 
 
 def test_passes_per_token_from_the_server_counters():
-    def snap(compiler, steps, tokens):
+    def snap(passes, tokens):
         return Snapshot(
             0.0,
             0.0,
             0.0,
             {
-                ("trex_compiler_forward_passes_total", ()): compiler,
-                ("trex_executor_steps_total", ()): steps,
+                ("trex_compiler_forward_passes_total", ()): passes,
                 ("trex_output_tokens_total", ()): tokens,
             },
         )
 
-    point = PointResult("closed", 1, [], snap(0, 0, 0), snap(10, 110, 120))
-    assert metrics_passes_per_token(TREX, point) == pytest.approx(10 / 120)
-    # baseline: each prefill and each decode pass is one transformer pass
-    assert metrics_passes_per_token(BASELINE, point) == pytest.approx(120 / 120)
+    point = PointResult("closed", 1, [], snap(5, 50), snap(15, 170))
+    assert metrics_passes_per_token(point) == pytest.approx(10 / 120)
 
 
 def test_groups_put_ten_digit_operands_apart():
