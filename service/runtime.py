@@ -1,7 +1,16 @@
-"""ONNX Runtime execution of an exported T-REX model: compile problems into programs, then step
-the executor of any mix of pool rows, one greedy token per call.
+"""ONNX Runtime execution of an exported model: compile problems into pool rows, then step any
+mix of pool rows, one greedy token per call. Two kinds of model, named by the manifest's
+``kind``, behind the same calls:
+
+* ``"trex"`` (the default when a manifest has no kind): ``compile`` runs the compiler, which
+  writes each problem's executor program into its row; ``step`` runs one executor step.
+* ``"baseline"``: ``compile`` runs the baseline transformer's prefill over the problem, which
+  writes the row's key-value cache and already emits the answer's first token (``compile``
+  returns those); ``step`` runs one decode pass per row, appending to its cache. Its answers
+  come least significant digit first; ``decode`` puts the digits back in written order.
 
     python -m service.runtime --model-dir models/onnx 7669+10132= 1+2=     # answers + providers
+    python -m service.runtime --model-dir models/onnx-baseline 7669+10132=
 
 Loading reads ``manifest.json`` (written by ``trex-export``), checks the SHA-256 of every graph
 it lists and the graphs' inputs and outputs against it, and refuses anything missing, corrupt
@@ -10,7 +19,7 @@ or mismatched with ``ModelLoadError``, whose message names the file.
 Providers: ``"auto"`` asks for CUDAExecutionProvider and falls back to the CPU one, ``"cuda"``
 insists on CUDA, ``"cpu"`` uses the CPU. ``Runtime.providers`` says what each session got.
 
-The pool: ``max_rows`` rows, each holding one compiled program (P floats, kept split into
+The T-REX pool: ``max_rows`` rows, each holding one compiled program (P floats, kept split into
 its parts w_ih, w_hh, ... so that no step has to slice it) and its executor hidden state
 (H floats). ``compile`` writes rows, ``step`` advances any subset of rows by one token; rows
 are independent, so a caller can add or retire rows between any two steps (continuous
@@ -25,6 +34,12 @@ batching). Two pool implementations, chosen by ``pool=``:
   (bound with IOBinding), so programs and hidden states never leave the device; only the
   emitted token ids (and logits, when asked for) are copied back. It also runs on the CPU,
   which is how its logic is tested without a GPU.
+
+The baseline pool (host only): per row a key-value cache of ``max_len`` positions (the longest
+problem plus ``max_steps - 1`` fed-back tokens), position-major (rows, positions, layers,
+heads, head_dim) so that consecutive rows are one block read in place, with each key's place
+and a key mask; decode reads the whole cache of each stepped row, masked past its length, and
+its new key and value are written at the row's next position.
 
 Calls are serialised by a lock; a ``Runtime`` may be shared between threads. A call that
 raises leaves the pool as it was: hidden states are written back (host pool) or the buffers
@@ -53,16 +68,32 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 PROVIDERS = ("auto", "cuda", "cpu")
 POOLS = ("auto", "host", "device")
+KINDS = ("trex", "baseline")
 PAD, START, END = "<pad>", "<start>", "<end>"
+# the order in which a model writes an answer's digits (manifest "answer_order")
+MOST_SIGNIFICANT_FIRST = "most_significant_first"
+LEAST_SIGNIFICANT_FIRST = "least_significant_first"
 
-# the graphs every manifest must list, and which pool uses which
+# the graphs every manifest of a kind must list, and which pool uses which
 GRAPHS = ("compiler", "executor", "executor_split", "pool_write", "executor_pool")
+BASELINE_GRAPHS = ("prefill", "decode")
+GRAPHS_BY_KIND = {"trex": GRAPHS, "baseline": BASELINE_GRAPHS}
 _POOL_GRAPHS = {
-    "host": ("compiler", "executor_split"),
-    "device": ("compiler", "pool_write", "executor_pool"),
+    ("trex", "host"): ("compiler", "executor_split"),
+    ("trex", "device"): ("compiler", "pool_write", "executor_pool"),
+    ("baseline", "host"): ("prefill", "decode"),
 }
-_ROLE = {"executor_split": "executor", "executor_pool": "executor"}
-_ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+# graphs by the phase they run: "compiler" (compile phase), "executor" (execute phase)
+_ROLE = {
+    "executor_split": "executor",
+    "executor_pool": "executor",
+    "prefill": "compiler",
+    "decode": "executor",
+}
+_ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "bool": "tensor(bool)"}
+# entries a manifest of each kind must have besides the common ones
+KIND_KEYS = {"trex": ("program",), "baseline": ("cache",)}
+_CACHE_KEYS = ("n_layers", "n_heads", "head_dim", "n_places", "max_problem_len", "max_len")
 
 
 class ModelLoadError(RuntimeError):
@@ -76,6 +107,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def manifest_kind(manifest: dict) -> str:
+    """The model kind a manifest describes; manifests written before kinds existed are T-REX."""
+    return manifest.get("kind", "trex")
+
+
+def answer_order(manifest: dict) -> str:
+    """The order of an answer's digits as the model emits them: the manifest's answer_order,
+    else its kind's (T-REX most significant first, the baseline least significant first)."""
+    default = LEAST_SIGNIFICANT_FIRST if manifest_kind(manifest) == "baseline" else None
+    return manifest.get("answer_order", default or MOST_SIGNIFICANT_FIRST)
 
 
 def read_manifest(model_dir: str | Path) -> dict:
@@ -92,16 +135,30 @@ def read_manifest(model_dir: str | Path) -> dict:
         raise ModelLoadError(
             f"{path}: manifest format {got!r}, this runtime reads {MANIFEST_FORMAT}"
         )
-    for key in ("model_version", "vocab", "config", "program", "graphs"):
+    kind = manifest_kind(manifest)
+    if kind not in KINDS:
+        raise ModelLoadError(f"{path}: model kind {kind!r}; this runtime serves {KINDS}")
+    for key in ("model_version", "vocab", "config", "graphs") + KIND_KEYS[kind]:
         if key not in manifest:
             raise ModelLoadError(f"{path}: no {key!r} entry")
-    missing = [g for g in GRAPHS if g not in manifest["graphs"]]
+    missing = [g for g in GRAPHS_BY_KIND[kind] if g not in manifest["graphs"]]
     if missing:
         raise ModelLoadError(f"{path}: no entry for graph(s) {', '.join(missing)}")
     vocab = manifest["vocab"]
     for tok in (PAD, START, END):
         if tok not in vocab:
             raise ModelLoadError(f"{path}: vocabulary lacks {tok!r}")
+    order = answer_order(manifest)
+    if order not in (MOST_SIGNIFICANT_FIRST, LEAST_SIGNIFICANT_FIRST):
+        raise ModelLoadError(f"{path}: answer_order {order!r} is neither of the two known")
+    if kind == "baseline":
+        cache = manifest["cache"]
+        bad = [k for k in _CACHE_KEYS if not (isinstance(cache.get(k), int) and cache[k] >= 1)]
+        if bad:
+            raise ModelLoadError(f"{path}: cache entry lacks positive integer(s) {bad}")
+        if cache["max_len"] < cache["max_problem_len"] + int(manifest["config"]["max_steps"]) - 1:
+            raise ModelLoadError(f"{path}: cache max_len too short for max_steps tokens")
+        return manifest
     program = manifest["program"]
     size = sum(p["size"] for p in program["layout"])
     names = {p["name"] for p in program["layout"]}
@@ -220,6 +277,87 @@ class _DevicePool:
         return np.concatenate(parts), self.buf["hidden"][self.h_live].numpy()[row].copy()
 
 
+class _BaselineHostPool:
+    """The baseline's key-value caches in numpy arrays, one cache row per pool row;
+    ``prefill.onnx`` fills rows, ``decode.onnx`` runs on the stepped rows' whole caches.
+
+    Per row: keys and values (max_len, n_layers, h, dh), each key's place and a key mask
+    (max_len,), the positions filled (``length``) and the answer tokens emitted so far
+    (``emitted``, the step index of the next token fed back).
+    """
+
+    kind = "host"
+
+    def __init__(self, rt: Runtime, sessions: dict[str, ort.InferenceSession]):
+        self.prefill, self.decoder = sessions["prefill"], sessions["decode"]
+        c = rt.cache
+        N, L = rt.max_rows, c["max_len"]
+        self.max_len, self.max_steps = L, rt.max_steps
+        shape = (N, L, c["n_layers"], c["n_heads"], c["head_dim"])
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        # unused positions keep place 0, a valid index for the graphs' place-bias lookup
+        self.places = np.zeros((N, L), np.int64)
+        self.ok = np.zeros((N, L), np.bool_)
+        self.length = np.zeros(N, np.int64)
+        self.emitted = np.zeros(N, np.int64)
+
+    def compile(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        # k, v (B, T, n_layers, h, dh); places, key_ok (B, T); first tokens (B,)
+        tokens, k, v, places, key_ok = self.prefill.run(
+            ["next_tokens", "k", "v", "places", "key_ok"], {"ids": ids}
+        )
+        T = ids.shape[1]
+        self.k[rows, :T] = k
+        self.v[rows, :T] = v
+        self.places[rows, :T] = places
+        self.places[rows, T:] = 0
+        self.ok[rows, :T] = key_ok
+        self.ok[rows, T:] = False  # stale keys of the row's last problem are masked out
+        self.length[rows] = T
+        self.emitted[rows] = 1
+        return tokens
+
+    def step(self, rows: np.ndarray, tokens: np.ndarray, want_logits: bool):
+        done = rows[self.emitted[rows] >= self.max_steps]
+        if len(done):
+            raise ValueError(
+                f"rows {done.tolist()} have emitted max_steps={self.max_steps} tokens, the most "
+                "the baseline's place embeddings and key-value cache allow"
+            )
+        sel = _as_slice(rows)
+        sel = rows if sel is None else sel  # a slice gives views, rows gathered copies
+        steps = self.emitted[rows]
+        feed = {
+            "tokens": tokens,
+            "steps": steps,
+            "past_k": self.k[sel],  # (B, max_len, n_layers, h, dh)
+            "past_v": self.v[sel],
+            "past_places": self.places[sel],  # (B, max_len)
+            "past_ok": self.ok[sel],
+        }
+        names = ["next_tokens", "k", "v"] + (["logits"] if want_logits else [])
+        out = self.decoder.run(names, feed)
+        pos = self.length[rows]
+        self.k[rows, pos] = out[1]  # (B, n_layers, h, dh), each at its row's next position
+        self.v[rows, pos] = out[2]
+        self.places[rows, pos] = steps
+        self.ok[rows, pos] = True
+        self.length[rows] += 1
+        self.emitted[rows] += 1
+        return out[0], (out[3] if want_logits else None)
+
+    def read(self, row: int) -> dict[str, np.ndarray]:
+        n = int(self.length[row])
+        return {
+            "k": self.k[row, :n].copy(),
+            "v": self.v[row, :n].copy(),
+            "places": self.places[row, :n].copy(),
+            "key_ok": self.ok[row, :n].copy(),
+            "emitted": int(self.emitted[row]),
+        }
+
+
 def _as_slice(rows: np.ndarray) -> slice | None:
     """The slice equal to ``rows`` when they are consecutive and ascending, else None."""
     if len(rows) and (len(rows) == 1 or bool(np.all(np.diff(rows) == 1))):
@@ -228,11 +366,15 @@ def _as_slice(rows: np.ndarray) -> slice | None:
 
 
 class Runtime:
-    """An exported T-REX model in ONNX Runtime, with a pool of ``max_rows`` program rows.
+    """An exported model in ONNX Runtime, T-REX or the baseline (``kind``), with a pool of
+    ``max_rows`` rows.
 
-    Typical use by a scheduler: ``ids = rt.encode(texts)``; ``rt.compile(ids, rows)``; then
-    ``tokens = rt.step(rows, prev)`` with ``prev`` = ``rt.start_id`` at first, until a row
-    emits ``rt.end_id``; any rows may be stepped together, whenever they were compiled.
+    Typical use by a scheduler: ``ids = rt.encode(texts)``; ``first = rt.compile(ids, rows)``;
+    then ``tokens = rt.step(rows, prev)`` until a row emits ``rt.end_id``, where ``prev`` is
+    each row's last token: ``rt.start_id`` at first for T-REX (``first`` is None), the token
+    in ``first`` for the baseline, whose prefill emits the first answer token. Any rows may be
+    stepped together, whenever they were compiled. ``kind``, when given, refuses an export of
+    another kind.
     """
 
     def __init__(
@@ -244,6 +386,7 @@ class Runtime:
         max_rows: int = 256,
         pool: str = "auto",
         device_id: int = 0,
+        kind: str | None = None,
     ):
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {PROVIDERS}, not {provider!r}")
@@ -253,9 +396,19 @@ class Runtime:
             raise ValueError(f"max_rows must be at least 1, not {max_rows}")
         if intra_op_threads < 0 or inter_op_threads < 0:
             raise ValueError("thread counts must be >= 0 (0: onnxruntime's default)")
+        if kind is not None and kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir)
         m = self.manifest
+        self.kind: str = manifest_kind(m)
+        if kind is not None and kind != self.kind:
+            raise ModelLoadError(
+                f"{self.model_dir / MANIFEST}: a {self.kind} model, but {kind} was asked for"
+            )
+        if self.kind == "baseline" and pool == "device":
+            raise ValueError("the baseline has only a host pool (pool='host' or 'auto')")
+        self.answer_order: str = answer_order(m)
         self.model_version: str = m["model_version"]
         self.vocab: list[str] = list(m["vocab"])
         self.pad_id, self.start_id, self.end_id = (self.vocab.index(t) for t in (PAD, START, END))
@@ -263,15 +416,22 @@ class Runtime:
         cfg = m["config"]
         self.max_digits: int = int(cfg["max_digits"])
         self.max_steps: int = int(cfg["max_steps"])
-        self.hidden_size: int = int(cfg["hidden"])
-        self.program_size: int = int(m["program"]["size"])
-        # name -> (start, end, shape) of each part of a flat program
-        self._layout = {
-            p["name"]: (p["offset"], p["offset"] + p["size"], tuple(p["shape"]))
-            for p in m["program"]["layout"]
-        }
-        self._h0 = self._layout["h0"][:2]
-        self._step_parts: list[str] = list(m["program"]["step_parts"])
+        # T-REX: program and executor sizes; the baseline: its key-value cache's sizes
+        self.hidden_size: int | None = None
+        self.program_size: int | None = None
+        self.cache: dict[str, int] | None = None
+        if self.kind == "trex":
+            self.hidden_size = int(cfg["hidden"])
+            self.program_size = int(m["program"]["size"])
+            # name -> (start, end, shape) of each part of a flat program
+            self._layout = {
+                p["name"]: (p["offset"], p["offset"] + p["size"], tuple(p["shape"]))
+                for p in m["program"]["layout"]
+            }
+            self._h0 = self._layout["h0"][:2]
+            self._step_parts: list[str] = list(m["program"]["step_parts"])
+        else:
+            self.cache = {k: int(m["cache"][k]) for k in _CACHE_KEYS}
         self.max_rows = max_rows
         self.device_id = device_id
         self._threads = (intra_op_threads, inter_op_threads)
@@ -285,9 +445,13 @@ class Runtime:
             _ROLE.get(k, k): s.get_providers()[0] for k, s in sessions.items()
         }
         self.device = "cuda" if self.providers["compiler"] == CUDA else "cpu"
-        self._pool = (_DevicePool if self.pool_kind == "device" else _HostPool)(self, sessions)
+        if self.kind == "baseline":
+            self._pool = _BaselineHostPool(self, sessions)
+        else:
+            self._pool = (_DevicePool if self.pool_kind == "device" else _HostPool)(self, sessions)
         log.info(
-            "model %s from %s: providers %s, %s pool of %d rows",
+            "%s model %s from %s: providers %s, %s pool of %d rows",
+            self.kind,
             self.model_version,
             self.model_dir,
             self.providers,
@@ -299,7 +463,7 @@ class Runtime:
 
     def _check_files(self) -> None:
         """Every graph of the manifest exists and has the SHA-256 written there."""
-        for name in GRAPHS:
+        for name in GRAPHS_BY_KIND[self.kind]:
             entry = self.manifest["graphs"][name]
             path = self.model_dir / entry["file"]
             if not path.is_file():
@@ -325,9 +489,10 @@ class Runtime:
                 )
             log.info("%s not in this onnxruntime build; using %s", CUDA, CPU)
             use_cuda = False
-        kind = pool if pool != "auto" else ("device" if use_cuda else "host")
+        has_device_pool = (self.kind, "device") in _POOL_GRAPHS
+        kind = pool if pool != "auto" else ("device" if use_cuda and has_device_pool else "host")
         sessions: dict[str, ort.InferenceSession] = {}
-        for name in _POOL_GRAPHS[kind]:
+        for name in _POOL_GRAPHS[self.kind, kind]:
             sessions[name] = self._session(name, use_cuda)
             got = sessions[name].get_providers()[0]
             if use_cuda and got != CUDA:
@@ -340,10 +505,12 @@ class Runtime:
                 log.warning("%s unavailable for %s, falling back to %s", CUDA, file, CPU)
                 kind = pool if pool != "auto" else "host"
                 # every session on one device: reopen any made on CUDA
-                return {n: self._session(n, False) for n in _POOL_GRAPHS[kind]}, kind
+                return {n: self._session(n, False) for n in _POOL_GRAPHS[self.kind, kind]}, kind
         if use_cuda and kind == "host":
+            # TODO: a device pool for the baseline's key-value caches, as T-REX has for programs
             log.warning(
-                "host pool on CUDA: programs and hidden states cross to the device every step"
+                "host pool on CUDA: %s cross to the device every step",
+                "programs and hidden states" if self.kind == "trex" else "key-value caches",
             )
         return sessions, kind
 
@@ -398,7 +565,9 @@ class Runtime:
         return ids
 
     def decode(self, tokens: Sequence[int]) -> str:
-        """The answer text of emitted ids: up to ``<end>``, control tokens left out."""
+        """The answer text of emitted ids: up to ``<end>``, control tokens left out, digits in
+        written order (a model that emits the least significant digit first has its digits
+        reversed here)."""
         out = []
         for t in tokens:
             t = int(t)
@@ -406,11 +575,18 @@ class Runtime:
                 break
             if t not in (self.pad_id, self.start_id):
                 out.append(self.vocab[t])
+        if self.answer_order == LEAST_SIGNIFICANT_FIRST:
+            out.reverse()
         return "".join(out)
 
-    def compile(self, ids: np.ndarray, rows: Sequence[int] | np.ndarray) -> None:
-        """One compiler pass over ``ids`` (B, T); row i's program and initial hidden state
-        go into pool row ``rows[i]``, replacing what was there."""
+    def compile(self, ids: np.ndarray, rows: Sequence[int] | np.ndarray) -> np.ndarray | None:
+        """The compile phase for ``ids`` (B, T), row i into pool row ``rows[i]``, replacing
+        what was there.
+
+        T-REX: one compiler pass writes each program and initial hidden state; -> None.
+        The baseline: one prefill pass writes each key-value cache and emits each row's first
+        answer token; -> those tokens (B,) int64, which the first ``step`` is given back.
+        """
         ids = np.ascontiguousarray(ids)
         if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype != np.int64:
             raise ValueError(f"ids must be a (batch, seq) int64 array, got {ids.dtype} {ids.shape}")
@@ -419,14 +595,21 @@ class Runtime:
             raise ValueError(f"{ids.shape[0]} problems but {len(rows)} rows")
         if ids.min() < 0 or ids.max() >= len(self.vocab):
             raise ValueError(f"ids out of the vocabulary's range 0..{len(self.vocab) - 1}")
+        if self.cache is not None and ids.shape[1] > self.cache["max_problem_len"]:
+            raise ValueError(
+                f"problems of {ids.shape[1]} characters; the baseline's key-value cache holds "
+                f"problems of at most {self.cache['max_problem_len']}"
+            )
         if len(rows) == 0:
-            return
+            return None if self.kind == "trex" else np.zeros(0, np.int64)
         with self._lock:
-            self._pool.compile(ids, rows)
+            return self._pool.compile(ids, rows)
 
     def step(self, rows: Sequence[int] | np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """One executor step for pool rows ``rows``, given the token each emitted last
-        (``start_id`` at first): their next tokens, (len(rows),) int64 on the host."""
+        """One execute step for pool rows ``rows`` (an executor step, or a decode pass), given
+        the token each emitted last (``start_id`` at a T-REX row's first step, the token
+        ``compile`` returned at a baseline row's): their next tokens, (len(rows),) int64 on
+        the host."""
         return self._step(rows, tokens, False)[0]
 
     def step_logits(
@@ -450,14 +633,28 @@ class Runtime:
             return self._pool.step(rows, tokens, want_logits)
 
     def read_program(self, row: int) -> np.ndarray:
-        """Host copy of pool row ``row``'s program (P,)."""
+        """Host copy of pool row ``row``'s program (P,) (T-REX)."""
+        self._need("trex", "programs")
         with self._lock:
             return self._pool.read(self._row(row))[0]
 
     def read_hidden(self, row: int) -> np.ndarray:
-        """Host copy of pool row ``row``'s hidden state (H,)."""
+        """Host copy of pool row ``row``'s hidden state (H,) (T-REX)."""
+        self._need("trex", "hidden states")
         with self._lock:
             return self._pool.read(self._row(row))[1]
+
+    def read_cache(self, row: int) -> dict[str, np.ndarray | int]:
+        """Host copy of pool row ``row``'s key-value cache (the baseline), its filled
+        positions only: k, v (n, n_layers, h, dh), places, key_ok (n,), and ``emitted``, the
+        answer tokens the row has emitted."""
+        self._need("baseline", "key-value caches")
+        with self._lock:
+            return self._pool.read(self._row(row))
+
+    def _need(self, kind: str, what: str) -> None:
+        if self.kind != kind:
+            raise ValueError(f"a {self.kind} model's pool holds no {what}")
 
     def generate(self, ids: np.ndarray, max_steps: int | None = None) -> np.ndarray:
         """Greedy decoding of every row of ``ids`` (B, T): (B, steps) int64 token ids; a row
@@ -467,21 +664,28 @@ class Runtime:
         scheduler working on the same Runtime.
         """
         max_steps = max_steps or self.max_steps
+        if self.kind == "baseline" and max_steps > self.max_steps:
+            raise ValueError(f"the baseline writes at most max_steps={self.max_steps} tokens")
         out = np.full((ids.shape[0], max_steps), self.end_id, dtype=np.int64)
         used = 0
         for start in range(0, ids.shape[0], self.max_rows):
             chunk = ids[start : start + self.max_rows]
             rows = np.arange(len(chunk), dtype=np.int64)
-            self.compile(chunk, rows)
-            tokens = np.full(len(chunk), self.start_id, dtype=np.int64)
-            for t in range(max_steps):
-                tokens = self.step(rows, tokens)
-                out[start + rows, t] = tokens
-                used = max(used, t + 1)
+            first = self.compile(chunk, rows)
+            if first is None:  # T-REX: the executor writes every token
+                t0, tokens = 0, np.full(len(chunk), self.start_id, dtype=np.int64)
+            else:  # the baseline: the prefill wrote the first
+                t0, tokens = 1, first
+                out[start + rows, 0] = tokens
+                used = max(used, 1)
+            for t in range(t0, max_steps):
                 live = tokens != self.end_id
                 rows, tokens = rows[live], tokens[live]
                 if not len(rows):
                     break
+                tokens = self.step(rows, tokens)
+                out[start + rows, t] = tokens
+                used = max(used, t + 1)
         return out[:, :used]
 
     def solve(self, problems: Sequence[str], max_steps: int | None = None) -> list[str]:
@@ -527,7 +731,7 @@ def main(argv=None) -> None:
         answers = rt.solve(args.problems)
     except (ModelLoadError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"model {rt.model_version}, providers {rt.providers}, {rt.pool_kind} pool")
+    print(f"{rt.kind} model {rt.model_version}, providers {rt.providers}, {rt.pool_kind} pool")
     for p, a in zip(args.problems, answers):
         print(f"{p}{a}")
 
