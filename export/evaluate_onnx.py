@@ -1,6 +1,8 @@
-"""Held-out exact-match accuracy of an exported model, run in ONNX Runtime.
+"""Held-out exact-match accuracy of an exported model (T-REX or the baseline), run in ONNX
+Runtime.
 
     python -m export.evaluate_onnx --model-dir models/onnx --problems 20000
+    python -m export.evaluate_onnx --model-dir models/onnx-baseline --problems 2000
     python -m export.evaluate_onnx --model-dir models/onnx --report runs/eval_onnx.json
 
 The problems are ``training.data.held_out_set`` and the report is ``training.evaluate``'s
@@ -27,21 +29,24 @@ log = logging.getLogger(__name__)
 
 
 class RuntimeModel:
-    """A ``Runtime`` behind the one method of ``training.model.TRex`` that
-    ``training.evaluate`` calls, ``generate``, so its report code runs unchanged.
+    """A ``Runtime`` behind the one method of ``training.model.TRex`` (or ``Baseline``) that
+    ``training.evaluate`` calls, ``generate``, so its report code runs unchanged; ``kind``
+    tells ``training.evaluate`` which of the two it stands for.
 
     NOTE: ``training.evaluate.evaluate`` takes a model rather than a solver function; this
-    adapter is the price of reusing it without changing training/.
+    adapter is the price of reusing it.
     """
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
+        self.kind = runtime.kind
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_steps: int | None = None):
-        """ids (B, T) -> tokens (B, steps) like ``TRex.generate``; no logits or states."""
-        tokens = self.runtime.generate(ids.numpy().astype("int64"), max_steps)
-        return torch.from_numpy(tokens), None, None
+        """ids (B, T) -> tokens (B, steps) in emission order, like ``TRex.generate`` (with no
+        logits or states) or ``Baseline.generate``."""
+        tokens = torch.from_numpy(self.runtime.generate(ids.numpy().astype("int64"), max_steps))
+        return tokens if self.kind == "baseline" else (tokens, None, None)
 
 
 def evaluate(runtime: Runtime, problems: list[data.Problem]) -> dict:
@@ -78,7 +83,7 @@ def main(argv=None) -> None:
     )
     problems = data.held_out_set(args.problems, seed=args.seed, max_digits=rt.max_digits)
     report = evaluate(rt, problems)
-    print(f"model {rt.model_version}, providers {rt.providers}")
+    print(f"{rt.kind} model {rt.model_version}, providers {rt.providers}")
     print(torch_eval.format_report(report))
     print(f"{report['seconds']:.1f} s")
     if args.report:

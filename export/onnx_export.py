@@ -1,7 +1,15 @@
-"""Export a T-REX checkpoint to ONNX graphs and a manifest that the serving runtime loads.
+"""Export a T-REX or baseline checkpoint to ONNX graphs and a manifest that the serving
+runtime loads; the checkpoint's config says which of the two it is.
 
     trex-export --checkpoint models/trex.pt --out models/onnx --eval-report runs/eval.json
+    trex-export --checkpoint models/baseline.pt --out models/onnx-baseline
     python -m export.onnx_export --checkpoint runs/try1.pt --out /tmp/onnx --verify 2000
+
+A baseline checkpoint (training/baseline.py) gets prefill.onnx and decode.onnx, the
+transformer with a key-value cache (export/baseline_graphs.py has their signatures), checked
+by export/verify_baseline.py, and a manifest with ``"kind": "baseline"``, the cache's sizes in
+``cache`` and ``"answer_order": "least_significant_first"`` in place of the program layout.
+What follows describes T-REX's graphs.
 
 Writes into ``--out``: compiler.onnx, executor.onnx, executor_split.onnx, pool_write.onnx
 and executor_pool.onnx (export/graphs.py has their signatures; batch, sequence and pool axes
@@ -47,15 +55,17 @@ from pathlib import Path
 import onnx
 import torch
 
-from export import graphs
+from export import baseline_graphs, graphs
 from export.graphs import OPSET
 from training import checkpoint
+from training.baseline import Baseline
 from training.model import TRex
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = 1  # service.runtime.MANIFEST_FORMAT reads this
 GRAPH_FILES = {name: f"{name}.onnx" for name in graphs.GRAPH_NAMES}
+BASELINE_GRAPH_FILES = {name: f"{name}.onnx" for name in baseline_graphs.GRAPH_NAMES}
 QUICK_CHECK_TOL = 1e-4
 
 
@@ -67,7 +77,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(path: str | Path) -> tuple[TRex, dict]:
+def kind_of(model: TRex | Baseline) -> str:
+    """The manifest's ``kind``: "baseline" for the token-by-token baseline, else "trex"."""
+    return "baseline" if isinstance(model, Baseline) else "trex"
+
+
+def load_checkpoint(path: str | Path) -> tuple[TRex | Baseline, dict]:
     """The model and checkpoint dictionary, with errors that say what is wrong."""
     path = Path(path)
     if not path.is_file():
@@ -79,11 +94,11 @@ def load_checkpoint(path: str | Path) -> tuple[TRex, dict]:
         raise ValueError(f"{path}: does not match training/model.py ({e})") from e
 
 
-def model_version(state: dict, digest: str) -> str:
-    """``trex-s<step>-<12 hex of the checkpoint's SHA-256>``, or without the step if the
-    checkpoint has none."""
+def model_version(state: dict, digest: str, kind: str = "trex") -> str:
+    """``<kind>-s<step>-<12 hex of the checkpoint's SHA-256>`` (``trex-...`` or
+    ``baseline-...``), or without the step if the checkpoint has none."""
     step = state.get("step")
-    return f"trex-s{step}-{digest[:12]}" if step is not None else f"trex-{digest[:12]}"
+    return f"{kind}-s{step}-{digest[:12]}" if step is not None else f"{kind}-{digest[:12]}"
 
 
 def accuracy_from_report(report_path: Path, ckpt_path: Path, ckpt_sha: str) -> dict:
@@ -115,15 +130,24 @@ def accuracy_from_report(report_path: Path, ckpt_path: Path, ckpt_sha: str) -> d
     }
 
 
-def export_graphs(model: TRex, out_dir: Path, opset: int = OPSET) -> dict[str, dict]:
-    """Writes every graph into ``out_dir`` and returns their manifest entries."""
-    sigs = graphs.signatures(model)
+def export_graphs(model: TRex | Baseline, out_dir: Path, opset: int = OPSET) -> dict[str, dict]:
+    """Writes every graph of the model's kind into ``out_dir`` and returns their manifest
+    entries."""
+    baseline = isinstance(model, Baseline)
+    sigs = (baseline_graphs if baseline else graphs).signatures(model)
     entries = {}
-    for name, file in GRAPH_FILES.items():
+    for name, file in (BASELINE_GRAPH_FILES if baseline else GRAPH_FILES).items():
         path = out_dir / file
-        graphs.export_graph(
-            graphs.wrapper(model, name), graphs.example_inputs(model, name), sigs[name], path, opset
-        )
+        if baseline:
+            baseline_graphs.export_graph(model, name, path, opset)
+        else:
+            graphs.export_graph(
+                graphs.wrapper(model, name),
+                graphs.example_inputs(model, name),
+                sigs[name],
+                path,
+                opset,
+            )
         onnx.checker.check_model(str(path), full_check=True)
         entries[name] = {
             "file": file,
@@ -135,12 +159,29 @@ def export_graphs(model: TRex, out_dir: Path, opset: int = OPSET) -> dict[str, d
 
 
 def build_manifest(
-    model: TRex, state: dict, ckpt_path: Path, ckpt_sha: str, entries: dict, opset: int
+    model: TRex | Baseline, state: dict, ckpt_path: Path, ckpt_sha: str, entries: dict, opset: int
 ) -> dict:
-    layout = model.executor.layout
+    kind = kind_of(model)
+    if kind == "baseline":
+        # the cache's sizes and the digit order in place of T-REX's program layout
+        model_part = {
+            "answer_order": "least_significant_first",
+            "cache": baseline_graphs.cache_shape(model),
+        }
+    else:
+        layout = model.executor.layout
+        model_part = {
+            "answer_order": "most_significant_first",
+            "program": {
+                "size": layout.size,
+                "layout": layout.to_list(),
+                "step_parts": graphs.step_parts(model),
+            },
+        }
     return {
         "format": MANIFEST_FORMAT,
-        "model_version": model_version(state, ckpt_sha),
+        "kind": kind,
+        "model_version": model_version(state, ckpt_sha, kind),
         "checkpoint": {
             "file": ckpt_path.name,
             "sha256": ckpt_sha,
@@ -149,11 +190,7 @@ def build_manifest(
         },
         "config": model.cfg.to_dict(),
         "vocab": list(state["vocab"]),
-        "program": {
-            "size": layout.size,
-            "layout": layout.to_list(),
-            "step_parts": graphs.step_parts(model),
-        },
+        **model_part,
         "opset": opset,
         "exporter": {
             "method": "torch.onnx.export (TorchScript-based, dynamo=False)",
@@ -193,7 +230,10 @@ def export(
     if eval_report is not None:
         accuracy = accuracy_from_report(Path(eval_report), ckpt_path, ckpt_sha)
 
-    from export import verify  # imports service.runtime, which needs no torch
+    # these import service.runtime, which needs no torch
+    from export import verify, verify_baseline
+
+    checks = verify_baseline if isinstance(model, Baseline) else verify
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-") as tmp:
@@ -201,7 +241,7 @@ def export(
         entries = export_graphs(model, stage, opset)
         manifest = build_manifest(model, state, ckpt_path, ckpt_sha, entries, opset)
         write_manifest(stage, manifest)
-        diff = verify.quick_check(model, stage)
+        diff = checks.quick_check(model, stage)
         if diff > QUICK_CHECK_TOL:
             raise RuntimeError(
                 f"exported graphs differ from torch by {diff:.2e} > {QUICK_CHECK_TOL}"
@@ -212,7 +252,7 @@ def export(
         write_manifest(out_dir, manifest)
 
     if verify_problems:
-        result = verify.verify(model, out_dir, verify_problems)
+        result = checks.verify(model, out_dir, verify_problems)
         manifest["verification"] = result["parity"]
         if accuracy is None:
             accuracy = {"source": "onnxruntime (trex-export --verify)", **result["accuracy"]}
@@ -251,7 +291,15 @@ def main(argv=None) -> None:
         print(
             f"  {entry['file']:<20} {entry['bytes']:>10,} bytes  sha256 {entry['sha256'][:16]}..."
         )
-    if "verification" in manifest:
+    if "verification" in manifest and manifest["kind"] == "baseline":
+        v = manifest["verification"]
+        print(
+            f"verified on {v['problems']} held-out problems: max |logit diff| "
+            f"{v['max_logit_diff']:.2e}, keys/values {v['max_kv_diff']:.2e} (same inputs); "
+            f"served path with its own caches {v['drift_logit_diff']:.2e}; "
+            f"answers differing {v['answer_mismatches']}"
+        )
+    elif "verification" in manifest:
         v = manifest["verification"]
         print(
             f"verified on {v['problems']} held-out problems: max |logit diff| "

@@ -17,6 +17,12 @@ from training.baseline import Baseline, reversed_answer
 from training.model import TRex
 
 
+def is_baseline(model) -> bool:
+    """The token-by-token baseline, in torch or behind an adapter that says so with
+    ``kind = "baseline"`` (export/evaluate_onnx.py's ONNX Runtime model)."""
+    return isinstance(model, Baseline) or getattr(model, "kind", None) == "baseline"
+
+
 def _emitted(row: list[int]) -> int:
     """Tokens a row emitted: up to and including its <end>, or all of them."""
     return row.index(vocab.END_ID) + 1 if vocab.END_ID in row else len(row)
@@ -31,7 +37,7 @@ def solve(model: TRex | Baseline, texts: list[str], batch_size: int = 1000):
     answers, steps, passes = [], 0, 0
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
-        if isinstance(model, Baseline):
+        if is_baseline(model):
             for row in model.generate(data.encode_problems(chunk)).tolist():
                 answers.append(reversed_answer(vocab.decode(row)))
                 passes += _emitted(row)
@@ -73,7 +79,7 @@ def evaluate(model: TRex | Baseline, problems: list[data.Problem], batch_size: i
             str(k): {"accuracy": c / t, "problems": t} for k, (c, t) in sorted(by_max.items())
         },
         "output_tokens": out_tokens,
-        "model": "baseline" if isinstance(model, Baseline) else "trex",
+        "model": "baseline" if is_baseline(model) else "trex",
         # transformer forward passes: the compiler's, or each of the baseline's
         "forward_passes": cost["forward_passes"],
         "forward_passes_per_answer": cost["forward_passes"] / n,

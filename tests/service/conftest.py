@@ -1,8 +1,9 @@
 """Shared fixtures of the service tests: the exported model and running servers.
 
 The model is $TREX_TEST_MODEL_DIR, else the shipped models/onnx, else an export made for
-the session. Servers run as subprocesses on 127.0.0.1 with free ports, exactly as
-``trex-serve`` runs them, on the CPU provider.
+the session; the baseline's is $TREX_TEST_BASELINE_MODEL_DIR, else models/onnx-baseline, else
+a session export (``baseline_onnx_dir`` in tests/conftest.py). Servers run as subprocesses
+on 127.0.0.1 with free ports, exactly as ``trex-serve`` runs them, on the CPU provider.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from service.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL_DIR = REPO / "models" / "onnx"
+SHIPPED_BASELINE_DIR = REPO / "models" / "onnx-baseline"
 STARTUP_TIMEOUT_S = 90.0
 
 
@@ -46,6 +48,31 @@ def model_dir(request) -> Path:
     if not (path / "manifest.json").is_file():
         pytest.fail(f"no exported model in {path} (TREX_TEST_MODEL_DIR)")
     return path
+
+
+def chosen_baseline_dir() -> Path | None:
+    """$TREX_TEST_BASELINE_MODEL_DIR, else the shipped baseline export if it is there."""
+    if os.environ.get("TREX_TEST_BASELINE_MODEL_DIR"):
+        return Path(os.environ["TREX_TEST_BASELINE_MODEL_DIR"])
+    return SHIPPED_BASELINE_DIR if (SHIPPED_BASELINE_DIR / "manifest.json").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def baseline_model_dir(request) -> Path:
+    """The baseline export the service tests serve: chosen_baseline_dir(), or else this
+    session's export of a baseline checkpoint (``baseline_onnx_dir``)."""
+    path = chosen_baseline_dir()
+    if path is None:
+        return request.getfixturevalue("baseline_onnx_dir")
+    if not (path / "manifest.json").is_file():
+        pytest.fail(f"no exported model in {path} (TREX_TEST_BASELINE_MODEL_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def baseline_reference(baseline_model_dir) -> Runtime:
+    """The baseline export run directly, without a server."""
+    return Runtime(baseline_model_dir, provider="cpu", kind="baseline")
 
 
 @pytest.fixture(scope="session")
