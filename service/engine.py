@@ -6,6 +6,11 @@ serving RPCs (and cancellations) while the compiler or executor computes, and
 the runtime only ever sees one call at a time. Everything else, the scheduler
 included, runs on the event loop thread and needs no locks.
 
+The same loop serves either model kind of service.runtime.Runtime. For the baseline
+the compile phase is the prefill pass, which already emits each answer's first token:
+that token is handed to the scheduler and the ticket when the compile phase ends, and
+each decode step is counted as a transformer forward pass (``step_is_forward_pass``).
+
 Failure isolation: when a compiler or executor call fails, the engine reruns
 the rows of that call one by one; only the rows that fail alone end with
 ExecutionFailed, their batch-mates carry on. Every accepted problem ends:
@@ -91,6 +96,13 @@ class Engine:
         self.runtime = runtime
         self.config = config
         self.metrics = metrics
+        # the baseline's compile phase (prefill) emits each answer's first token
+        self._emits_at_compile = getattr(runtime, "kind", "trex") == "baseline"
+        if config.step_is_forward_pass != self._emits_at_compile:
+            raise ValueError(
+                "SchedulerConfig.step_is_forward_pass must be True for a baseline runtime and "
+                "False for T-REX"
+            )
         self.scheduler = Scheduler(config)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trex-runtime")
         self._tickets: dict[int, Ticket] = {}
@@ -218,15 +230,21 @@ class Engine:
     async def _compile(self, phase: CompilePhase) -> None:
         # one compiler call for the batch; on failure, each row alone
         problems = [r.problem for r in phase.requests]
+        # the baseline's prefill emits a first token per row (-1: a row that failed)
+        first = np.full(len(problems), -1, dtype=np.int64) if self._emits_at_compile else None
         try:
-            await self._in_worker(self._compile_rows, problems, phase.rows)
+            tokens = await self._in_worker(self._compile_rows, problems, phase.rows)
+            if first is not None:
+                first[:] = tokens
         except Exception as exc:  # noqa: BLE001 - isolated below, row by row
             log.warning("compile batch of %d failed (%s); retrying one by one", len(problems), exc)
-            for request, row in zip(phase.requests, phase.rows):
+            for i, (request, row) in enumerate(zip(phase.requests, phase.rows)):
                 if request.done:
                     continue
                 try:
-                    await self._in_worker(self._compile_rows, [request.problem], [row])
+                    one = await self._in_worker(self._compile_rows, [request.problem], [row])
+                    if first is not None:
+                        first[i] = one[0]
                 except Exception as row_exc:  # noqa: BLE001 - ends this request only
                     log.error(
                         "request %d: compiling %r failed: %s", request.id, request.problem, row_exc
@@ -234,13 +252,19 @@ class Engine:
                     error = ExecutionFailed(f"the compiler failed on this problem: {row_exc}")
                     self.scheduler.fail(phase, request, error, time.monotonic_ns())
 
-        self.scheduler.finish_compile(phase, time.monotonic_ns())
-        self.metrics.observe_compile(len(phase.requests))
+        received = self.scheduler.finish_compile(phase, time.monotonic_ns(), first)
+        for request in received:
+            self._tickets[request.id]._emit(request.tokens[-1])
+        self.metrics.observe_compile(len(phase.requests), len(received))
         self._summary.compile_batches += 1
         self._summary.compiled += len(phase.requests)
 
-    def _compile_rows(self, problems: list[str], rows: list[int]) -> None:
-        self.runtime.compile(self.runtime.encode(problems), rows)
+    def _compile_rows(self, problems: list[str], rows: list[int]):
+        """-> the first tokens the baseline's prefill emitted (B,), or None for T-REX."""
+        tokens = self.runtime.compile(self.runtime.encode(problems), rows)
+        if self._emits_at_compile and tokens is None:
+            raise RuntimeError("the baseline runtime's compile returned no first tokens")
+        return tokens
 
     async def _execute(self, phase: ExecutePhase) -> None:
         # one executor step for the batch; on failure, each row alone
@@ -270,7 +294,9 @@ class Engine:
         stepped = self.scheduler.finish_execute(phase, tokens, time.monotonic_ns())
         for request in stepped:
             self._tickets[request.id]._emit(request.tokens[-1])
-        self.metrics.observe_execute(len(phase.requests), len(stepped))
+        # the baseline's decode passes are transformer forward passes, one per row stepped
+        passes = len(phase.requests) if self.config.step_is_forward_pass else 0
+        self.metrics.observe_execute(len(phase.requests), len(stepped), passes)
         self._summary.execute_batches += 1
         self._summary.stepped += len(phase.requests)
 

@@ -4,19 +4,25 @@ Every metric is registered in the CollectorRegistry given to ``Metrics``, never 
 the process-wide default one, so a test can run several servers in one process.
 
 Work counters (model efficiency):
-    trex_compiler_forward_passes_total  compiler forward passes: one per problem compiled
-                                        (a batch of n rows counts n)
-    trex_compile_batches_total          compiler calls
-    trex_executor_steps_total           executor row-steps: one per active row per step
-    trex_execute_batches_total          executor calls
-    trex_output_tokens_total            tokens the executor emitted, <end> included; as
-                                        each row emits exactly one token per step, it
-                                        equals trex_executor_steps_total
+    trex_compiler_forward_passes_total  transformer forward passes. T-REX: compiler passes, one
+                                        per problem compiled (a batch of n rows counts n). The
+                                        baseline: one per prefill row and one per decode row-step
+    trex_compile_batches_total          compiler (baseline: prefill) calls
+    trex_executor_steps_total           execute row-steps: one per active row per step (the
+                                        baseline: decode passes)
+    trex_execute_batches_total          executor (baseline: decode) calls
+    trex_output_tokens_total            tokens emitted, <end> included. T-REX: by the executor,
+                                        one per row-step, so it equals
+                                        trex_executor_steps_total. The baseline: the prefill's
+                                        first token and one per decode row-step
     Forward passes per token = trex_compiler_forward_passes_total / trex_output_tokens_total:
-    compiler passes are the expensive part, and one pass serves the whole answer.
+    compiler passes are the expensive part, and for T-REX one pass serves the whole answer
+    (1/12 .. 1); the baseline spends one pass per token, so it reads 1 by construction (a row
+    cancelled while its pass runs spends the pass but gets no token, the only way above 1).
 
 Per answered problem (histograms):
-    trex_forward_passes_per_token       its compiler passes / its output tokens (1/12 .. 1)
+    trex_forward_passes_per_token       its forward passes / its output tokens (T-REX 1/12 .. 1,
+                                        the baseline 1)
     trex_request_duration_seconds       arrival at the engine -> last token
     trex_queue_duration_seconds         arrival -> its compile batch starts
     trex_compile_duration_seconds       its compile batch's duration
@@ -30,7 +36,8 @@ Scheduler:
 
 Calls and model:
     trex_requests_total{method, code}   finished RPCs by method and gRPC status name
-    trex_model_info{model_version, provider, executor_provider}  always 1
+    trex_model_info{model_version, kind, provider, executor_provider}  always 1; kind is
+                                        "trex" or "baseline"
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ class Metrics:
         # work counters
         self.compiler_forward_passes = Counter(
             "trex_compiler_forward_passes_total",
-            "Compiler forward passes, one per problem compiled (a batch of n rows counts n)",
+            "Transformer forward passes: T-REX compiler passes, one per problem compiled (a "
+            "batch of n rows counts n); for the baseline also one per decode row-step",
             registry=r,
         )
         self.compile_batches = Counter(
@@ -79,7 +87,8 @@ class Metrics:
         )
         self.output_tokens = Counter(
             "trex_output_tokens_total",
-            "Tokens emitted by the executor, <end> included. Forward passes per token = "
+            "Tokens emitted, <end> included (the baseline's prefill emits the first). "
+            "Forward passes per token = "
             "trex_compiler_forward_passes_total / trex_output_tokens_total",
             registry=r,
         )
@@ -87,7 +96,7 @@ class Metrics:
         # per answered problem
         self.forward_passes_per_token = Histogram(
             "trex_forward_passes_per_token",
-            "Per answered problem: compiler forward passes / output tokens (<end> included)",
+            "Per answered problem: transformer forward passes / output tokens (<end> included)",
             buckets=PASSES_PER_TOKEN_BUCKETS,
             registry=r,
         )
@@ -140,24 +149,33 @@ class Metrics:
         )
         self.model = Info("trex_model", "The model being served", registry=r)
 
-    def set_model(self, model_version: str, providers: dict[str, str]) -> None:
+    def set_model(self, model_version: str, providers: dict[str, str], kind: str = "trex") -> None:
         self.model.info(
             {
                 "model_version": model_version,
+                "kind": kind,
                 "provider": providers.get("compiler", ""),
                 "executor_provider": providers.get("executor", ""),
             }
         )
 
-    def observe_compile(self, batch_size: int) -> None:
+    def observe_compile(self, batch_size: int, tokens_emitted: int = 0) -> None:
+        """A compile call of ``batch_size`` rows, one forward pass each; the baseline's
+        prefill also emits a token per row."""
         self.compile_batches.inc()
         self.compiler_forward_passes.inc(batch_size)
+        self.output_tokens.inc(tokens_emitted)
         self.batch_size.labels(phase="compile").observe(batch_size)
 
-    def observe_execute(self, batch_size: int, tokens_emitted: int) -> None:
+    def observe_execute(
+        self, batch_size: int, tokens_emitted: int, forward_passes: int = 0
+    ) -> None:
+        """An execute call of ``batch_size`` rows; ``forward_passes``: the transformer passes
+        it ran (the baseline's decode passes, one per row; 0 for T-REX's executor)."""
         self.execute_batches.inc()
         self.executor_steps.inc(batch_size)
         self.output_tokens.inc(tokens_emitted)
+        self.compiler_forward_passes.inc(forward_passes)
         self.batch_size.labels(phase="execute").observe(batch_size)
 
     def observe_answered(self, request: Request) -> None:

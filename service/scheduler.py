@@ -11,6 +11,12 @@ active rows, and alternates two phases:
 Rows join between steps and leave as soon as they emit ``<end>`` (or hit the
 step limit), so a short answer never waits for a long one (continuous batching).
 
+The same policy serves the token-by-token baseline: its compile phase is the prefill
+pass over the problem, which writes the row's key-value cache and already emits the
+answer's first token (``finish_compile`` takes those tokens), and its execute phase is
+one decode pass per row. Each of those passes is a transformer forward pass, so with
+``step_is_forward_pass`` a request counts every step in ``compiler_passes`` too.
+
 This is plain synchronous code with no I/O: service/engine.py calls it from the
 event loop and runs the chosen phase on the model runtime. Time is passed in as
 ``now_ns`` (any monotonic clock) so tests drive it without sleeping.
@@ -37,6 +43,9 @@ class SchedulerConfig:
     step_limit: int = 12  # executor steps per problem before it is cut off
     start_id: int = 1  # the executor's input at its first step
     end_id: int = 2  # the token that ends an answer
+    # the baseline: an execute step is a transformer forward pass (a decode pass), counted
+    # in Request.compiler_passes like the compile phase's prefill pass
+    step_is_forward_pass: bool = False
 
     def __post_init__(self):
         for name in ("max_rows", "max_compile_batch", "max_execute_batch", "max_queue"):
@@ -73,7 +82,10 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # emitted ids, <end> included
     stop_reason: StopReason | None = None
     error: Exception | None = None  # set when it finished without an answer
+    # transformer forward passes: T-REX's one compiler pass; the baseline's prefill and
+    # each of its decode passes
     compiler_passes: int = 0
+    compile_tokens: int = 0  # tokens the compile phase emitted (the baseline's first)
     compile_start_ns: int | None = None
     compile_end_ns: int | None = None
     finish_ns: int | None = None
@@ -84,7 +96,8 @@ class Request:
 
     @property
     def executor_steps(self) -> int:
-        return len(self.tokens)
+        """Execute steps it took: one per token, but for those the compile phase emitted."""
+        return len(self.tokens) - self.compile_tokens
 
 
 @dataclass
@@ -246,16 +259,27 @@ class Scheduler:
         self._running = phase
         return phase
 
-    def finish_compile(self, phase: CompilePhase, now_ns: int) -> None:
-        """The compiler wrote every program of the phase: those rows start executing."""
+    def finish_compile(self, phase: CompilePhase, now_ns: int, tokens=None) -> list[Request]:
+        """The compiler wrote every program of the phase: those rows start executing.
+
+        ``tokens``: the token each row's compile pass emitted (the baseline's prefill), or
+        None (T-REX's compiler emits none). -> the requests that received a token; one that
+        emitted <end> or reached the step limit finishes at once and frees its row.
+        """
         self._end_phase(phase)
-        for request in phase.requests:
+        received = []
+        for i, request in enumerate(phase.requests):
             if request.done:  # cancelled while compiling
                 continue
             request.state = State.ACTIVE
             request.compiler_passes += 1
             request.compile_end_ns = now_ns
             self._active[request.id] = request
+            if tokens is not None:
+                request.compile_tokens += 1
+                self._record(request, int(tokens[i]), now_ns)
+                received.append(request)
+        return received
 
     def finish_execute(self, phase: ExecutePhase, tokens, now_ns: int) -> list[Request]:
         """Record the token each row emitted; -> the requests that received one.
@@ -267,18 +291,24 @@ class Scheduler:
         for request, token in zip(phase.requests, tokens):
             if request.done:  # cancelled while stepping
                 continue
-            token = int(token)
-            request.tokens.append(token)
+            if self.config.step_is_forward_pass:
+                request.compiler_passes += 1
+            self._record(request, int(token), now_ns)
             stepped.append(request)
-            if token == self.config.end_id:
-                self._active.pop(request.id)
-                self._finish(request, now_ns, stop=StopReason.END)
-            elif len(request.tokens) >= self.config.step_limit:
-                self._active.pop(request.id)
-                self._finish(request, now_ns, stop=StopReason.STEP_LIMIT)
-            else:
-                self._active.move_to_end(request.id)  # stepped: to the back of the line
         return stepped
+
+    def _record(self, request: Request, token: int, now_ns: int) -> None:
+        """An active request emitted ``token``: it finishes on <end> or at the step limit,
+        else goes to the back of the line of rows to step."""
+        request.tokens.append(token)
+        if token == self.config.end_id:
+            self._active.pop(request.id)
+            self._finish(request, now_ns, stop=StopReason.END)
+        elif len(request.tokens) >= self.config.step_limit:
+            self._active.pop(request.id)
+            self._finish(request, now_ns, stop=StopReason.STEP_LIMIT)
+        else:
+            self._active.move_to_end(request.id)  # stepped: to the back of the line
 
     def fail(
         self, phase: CompilePhase | ExecutePhase, request: Request, error: Exception, now_ns: int

@@ -58,8 +58,9 @@ class FaultyRuntime:
         bad = [int(r) for r, text in zip(rows, texts) if text == self.bad_problem]
         if bad and self.fail_in == "compile":
             raise RuntimeError("injected compiler fault")
-        self.runtime.compile(ids, rows)
+        first = self.runtime.compile(ids, rows)  # the baseline's first tokens, or None
         self.bad_rows = set(bad)
+        return first
 
     def step(self, rows, tokens):
         if self.fail_in == "step" and self.bad_rows & {int(r) for r in rows}:

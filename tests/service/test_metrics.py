@@ -86,3 +86,31 @@ def test_buckets_cover_fifty_microseconds_to_ten_seconds():
     assert DURATION_BUCKETS_S[0] <= 50e-6 and DURATION_BUCKETS_S[-1] >= 10
     assert sum(b < 1e-3 for b in DURATION_BUCKETS_S) >= 4  # sub-millisecond resolution
     assert 1 / 12 in PASSES_PER_TOKEN_BUCKETS and PASSES_PER_TOKEN_BUCKETS[-1] == 1
+
+
+def test_baseline_counts_a_forward_pass_per_token():
+    """The baseline's prefill emits a token per row, and each decode row-step is a forward
+    pass emitting one: passes / tokens is 1."""
+    metrics = Metrics(CollectorRegistry())
+    metrics.set_model("baseline-v1", {"compiler": "CPUExecutionProvider"}, kind="baseline")
+    metrics.observe_compile(4, tokens_emitted=4)
+    metrics.observe_execute(4, 4, forward_passes=4)
+    metrics.observe_execute(3, 3, forward_passes=3)
+    sample = metrics.registry.get_sample_value
+    assert sample("trex_compiler_forward_passes_total") == 11
+    assert sample("trex_output_tokens_total") == 11
+    assert sample("trex_executor_steps_total") == 7
+    info = {
+        "model_version": "baseline-v1",
+        "kind": "baseline",
+        "provider": "CPUExecutionProvider",
+        "executor_provider": "",
+    }
+    assert sample("trex_model_info", info) == 1
+
+
+def test_trex_model_info_says_trex_by_default():
+    metrics = Metrics(CollectorRegistry())
+    metrics.set_model("v1", {"compiler": "CPU", "executor": "CPU"})
+    labels = {"model_version": "v1", "kind": "trex", "provider": "CPU", "executor_provider": "CPU"}
+    assert metrics.registry.get_sample_value("trex_model_info", labels) == 1

@@ -276,3 +276,72 @@ def test_drain_compiles_at_once_and_refuses_new_problems():
     s.finish_compile(phase, 0)
     run_until_idle(s, 0)
     assert r.tokens == answer_ids("1+2=")
+
+
+# --- the baseline: the compile phase (prefill) emits the first token ---
+
+
+def lsd_answer_ids(problem: str) -> list[int]:
+    """What a perfect baseline emits: the sum's digits least significant first, then <end>."""
+    a, b = problem.rstrip("=").split("+")
+    return [3 + int(d) for d in reversed(str(int(a) + int(b)))] + [END]
+
+
+def test_first_token_at_compile_then_one_per_step_each_a_forward_pass():
+    s = make_scheduler(step_is_forward_pass=True)
+    problems = ["7669+10132=", "1+2=", "99+1="]
+    requests = [s.add(p, now_ns=0) for p in problems]
+    phase = s.schedule(now_ns=2 * MS)
+    assert isinstance(phase, CompilePhase)
+    received = s.finish_compile(phase, 2 * MS, [lsd_answer_ids(p)[0] for p in problems])
+    assert received == requests
+    assert all(r.tokens == [lsd_answer_ids(r.problem)[0]] for r in requests)
+
+    # the first execute step feeds each row the token its prefill emitted, not <start>
+    phase = s.schedule(now_ns=3 * MS)
+    assert isinstance(phase, ExecutePhase)
+    assert phase.tokens == [r.tokens[0] for r in requests]
+    now_ns = 3 * MS
+    while isinstance(phase, ExecutePhase):
+        tokens = [lsd_answer_ids(r.problem)[len(r.tokens)] for r in phase.requests]
+        s.finish_execute(phase, tokens, now_ns)
+        now_ns += MS
+        phase = s.schedule(now_ns)
+
+    for r in requests:
+        assert r.tokens == lsd_answer_ids(r.problem) and r.stop_reason is StopReason.END
+        # one forward pass per token: the prefill's, then one per decode step
+        assert r.compiler_passes == len(r.tokens)
+        assert r.compile_tokens == 1 and r.executor_steps == len(r.tokens) - 1
+    assert s.active_rows == 0
+
+
+def test_trex_counts_one_compiler_pass_whatever_the_answer_length():
+    s = make_scheduler()
+    request = s.add("7669+10132=", now_ns=0)
+    run_until_idle(s, now_ns=0)
+    assert request.compiler_passes == 1 and request.compile_tokens == 0
+    assert request.executor_steps == len(request.tokens) == 6
+
+
+def test_a_row_that_ends_at_its_prefill_frees_its_row_at_once():
+    s = make_scheduler(step_is_forward_pass=True, step_limit=1)
+    ended = s.add("1+2=", now_ns=0)
+    limited = s.add("30+12=", now_ns=0)
+    phase = s.schedule(now_ns=2 * MS)
+    received = s.finish_compile(phase, 2 * MS, [END, 6])
+    assert received == [ended, limited]
+    assert ended.done and ended.stop_reason is StopReason.END and ended.tokens == [END]
+    assert limited.done and limited.stop_reason is StopReason.STEP_LIMIT
+    assert s.active_rows == 0 and s.idle
+    assert [r.id for r in s.take_finished()] == [ended.id, limited.id]
+
+
+def test_a_request_cancelled_during_its_prefill_gets_no_token():
+    s = make_scheduler(step_is_forward_pass=True)
+    kept, dropped = s.add("1+2=", now_ns=0), s.add("3+4=", now_ns=0)
+    phase = s.schedule(now_ns=2 * MS)
+    s.cancel(dropped, Cancelled("cancelled"), 2 * MS)
+    assert s.finish_compile(phase, 3 * MS, [5, 9]) == [kept]
+    assert kept.tokens == [5] and dropped.tokens == [] and dropped.compiler_passes == 0
+    assert s.active_rows == 1
