@@ -5,6 +5,10 @@
     printf '1+2=\\n30+12=\\n' | trex-client --target localhost:50051
     trex-client --target localhost:50051 --stream 9999999999+1=
 
+--stream prints each digit as it arrives when the model emits the answer as it is written
+(T-REX); a model that emits the least significant digit first (the baseline) has its answer
+printed whole when the stream ends.
+
 Problems come from the command line, or one per line from --file (``-`` for stdin), or
 from stdin when neither is given. Answers are printed one per line in input order, with
 --stats followed by a tab and the per-request figures the server reports. A problem the
@@ -33,6 +37,7 @@ class Outcome:
     code: grpc.StatusCode = grpc.StatusCode.OK
     message: str = ""
     round_trip_s: float = 0.0
+    printed: bool = False  # the answer's digits went to stdout as they were streamed
 
 
 def format_stats(outcome: Outcome) -> str:
@@ -64,9 +69,13 @@ async def solve_one(stub, problem: str, timeout_s: float | None, stream: bool) -
                 trex_pb2.SolveRequest(problem=problem), timeout=timeout_s
             ):
                 if message.HasField("token"):
-                    # digits only, as in the answer; <end> closes the line, in run()
-                    if message.token.text.isdigit():
-                        print(message.token.text, end="", flush=True)
+                    # digits only, as in the answer; <end> closes the line, in run(). Digits
+                    # that come least significant first wait for the whole answer instead.
+                    token = message.token
+                    lsd_first = token.digit_order == trex_pb2.DIGIT_ORDER_LEAST_SIGNIFICANT_FIRST
+                    if token.text.isdigit() and not lsd_first:
+                        print(token.text, end="", flush=True)
+                        outcome.printed = True
                 else:
                     outcome.response = message.result
         else:
@@ -108,7 +117,7 @@ async def run(
                 )
                 print(flush=True)
                 continue
-            answer = "" if stream else outcome.response.answer  # streamed digits are out already
+            answer = "" if outcome.printed else outcome.response.answer
             print(answer + (f"\t{format_stats(outcome)}" if stats else ""), flush=True)
     return failed
 

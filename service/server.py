@@ -2,10 +2,14 @@
 reflection, and Prometheus metrics on their own HTTP port.
 
     trex-serve --model-dir models/onnx --port 50051 --metrics-port 8000
+    trex-serve --model-dir models/onnx-baseline --model-kind baseline   # the baseline instead
     python -m service.server --help     # every flag; each also reads TREX_<FLAG> from the env
 
 Start-up: the gRPC port opens at once with health NOT_SERVING (calls answer UNAVAILABLE)
 while the models load and a warm-up batch runs; then health turns SERVING.
+The model is T-REX or the token-by-token baseline, as the export's manifest says
+(--model-kind refuses an export of the other kind); the same scheduler and metrics serve
+both (service/engine.py says how the baseline's passes are counted).
 SIGTERM or SIGINT: health turns NOT_SERVING, new calls are refused, calls already held get
 up to --grace-period-s to finish, then the process exits with status 0.
 """
@@ -39,7 +43,7 @@ from service.errors import (
     ShuttingDown,
 )
 from service.metrics import Metrics
-from service.runtime import PROVIDERS, Runtime
+from service.runtime import KINDS, LEAST_SIGNIFICANT_FIRST, PROVIDERS, Runtime
 from service.scheduler import Request, SchedulerConfig, StopReason
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,7 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int = 8000  # 0: no metrics endpoint
     model_dir: str = "models/onnx"
+    model_kind: str = "any"  # "trex" or "baseline": refuse an export of the other kind
     provider: str = "auto"
     intra_op_threads: int = 0  # 0: onnxruntime's default
     inter_op_threads: int = 0
@@ -204,11 +209,14 @@ class SolverServicer(trex_pb2_grpc.SolverServicer):
         engine = self._engine()
         ticket = engine.submit(request.problem, context.time_remaining())
         vocab = engine.runtime.vocab
+        order = digit_order(engine.runtime)
         try:
             step = 0
             async for token in ticket.tokens():
                 step += 1
-                token_msg = trex_pb2.Token(text=vocab[token], id=token, step=step)
+                token_msg = trex_pb2.Token(
+                    text=vocab[token], id=token, step=step, digit_order=order
+                )
                 yield trex_pb2.SolveStreamResponse(token=token_msg)
             yield trex_pb2.SolveStreamResponse(result=self._response(ticket.request))
         finally:
@@ -264,11 +272,19 @@ class SolverServicer(trex_pb2_grpc.SolverServicer):
             compiler_passes=request.compiler_passes,
             executor_steps=request.executor_steps,
             model_version=runtime.model_version,
+            digit_order=digit_order(runtime),
         )
         response.queue_time.FromNanoseconds(request.compile_start_ns - request.arrival_ns)
         response.compile_time.FromNanoseconds(request.compile_end_ns - request.compile_start_ns)
         response.execute_time.FromNanoseconds(request.finish_ns - request.compile_end_ns)
         return response
+
+
+def digit_order(runtime: Runtime) -> int:
+    """The DigitOrder of the served model's tokens."""
+    if runtime.answer_order == LEAST_SIGNIFICANT_FIRST:
+        return trex_pb2.DIGIT_ORDER_LEAST_SIGNIFICANT_FIRST
+    return trex_pb2.DIGIT_ORDER_MOST_SIGNIFICANT_FIRST
 
 
 # --- the server ---
@@ -317,26 +333,38 @@ class TrexServer:
             intra_op_threads=cfg.intra_op_threads,
             inter_op_threads=cfg.inter_op_threads,
             max_rows=cfg.max_rows,
+            kind=None if cfg.model_kind == "any" else cfg.model_kind,
         )
+        step_limit = cfg.step_limit or runtime.max_steps
+        if runtime.kind == "baseline" and step_limit > runtime.max_steps:
+            # its place embeddings and key-value cache end at max_steps tokens
+            log.warning(
+                "--step-limit %d is beyond the baseline's max_steps; using %d",
+                step_limit,
+                runtime.max_steps,
+            )
+            step_limit = runtime.max_steps
         scheduler_config = SchedulerConfig(
             max_rows=cfg.max_rows,
             max_compile_batch=cfg.max_compile_batch,
             max_execute_batch=cfg.max_execute_batch,
             max_queue_delay_ns=int(cfg.max_queue_delay_ms * 1e6),
             max_queue=cfg.max_queue,
-            step_limit=cfg.step_limit or runtime.max_steps,
+            step_limit=step_limit,
             start_id=runtime.start_id,
             end_id=runtime.end_id,
+            step_is_forward_pass=runtime.kind == "baseline",
         )
         engine = Engine(runtime, scheduler_config, self.metrics)
         await engine.warm_up()
         engine.start()
         self.engine = engine
-        self.metrics.set_model(runtime.model_version, runtime.providers)
+        self.metrics.set_model(runtime.model_version, runtime.providers, runtime.kind)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "ready: model %s on %s, gRPC port %d",
+            "ready: %s model %s on %s, gRPC port %d",
+            runtime.kind,
             runtime.model_version,
             runtime.providers,
             self.port,
@@ -407,7 +435,8 @@ def parse_args(argv=None) -> ServerConfig:
         "host": "address to listen on, for gRPC and metrics",
         "port": "gRPC port",
         "metrics_port": "Prometheus /metrics HTTP port; 0 turns it off",
-        "model_dir": "export folder with manifest.json and the ONNX graphs",
+        "model_dir": "export folder with manifest.json and the ONNX graphs (T-REX or baseline)",
+        "model_kind": "refuse an export of another kind than this; any: serve either",
         "provider": "auto: CUDA when available, else CPU",
         "intra_op_threads": "onnxruntime threads within an operator; 0: its default",
         "inter_op_threads": "onnxruntime threads across operators; 0: its default",
@@ -416,7 +445,7 @@ def parse_args(argv=None) -> ServerConfig:
         "max_execute_batch": "rows per executor call",
         "max_queue_delay_ms": "how long a problem waits for batch-mates while nothing runs",
         "max_queue": "problems waiting to be compiled; beyond it calls get RESOURCE_EXHAUSTED",
-        "step_limit": "executor steps per problem; 0: the model's max_steps",
+        "step_limit": "tokens per problem; 0: the model's max_steps (the baseline's most)",
         "grace_period_s": "on SIGTERM, time given to calls in flight",
         "log_level": "DEBUG logs every request",
     }
@@ -429,7 +458,11 @@ def parse_args(argv=None) -> ServerConfig:
         default = getattr(defaults, f.name)
         kind = type(default)
         env_name = f"TREX_{f.name.upper()}"
-        choices = {"provider": PROVIDERS, "log_level": LOG_LEVELS}.get(f.name)
+        choices = {
+            "provider": PROVIDERS,
+            "log_level": LOG_LEVELS,
+            "model_kind": ("any", *KINDS),
+        }.get(f.name)
         ap.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
