@@ -188,3 +188,13 @@ def test_cache_shape_fits_the_longest_problem_and_answer(baseline_model):
     assert c["max_problem_len"] == longest
     assert c["max_len"] == longest + baseline_model.cfg.max_steps - 1
 
+
+def test_bench_times_the_served_calls(baseline_onnx_dir):
+    from export import bench_baseline
+
+    rt, rows = bench_baseline.bench(baseline_onnx_dir, [1, 3], threads=1, repeats=2, max_rows=8)
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        timings = [v for k, v in r.items() if k not in ("batch", "trimmed length")]
+        assert len(timings) == 5 and all(np.isfinite(timings)) and min(timings) > 0
+        assert r["trimmed length"] <= rt.cache["max_len"]
