@@ -134,7 +134,7 @@ def analyze(args: argparse.Namespace, argv_shown: list[str]) -> int:
         "step": state.get("step"),
         "held_out_accuracy": state.get("held_out_accuracy"),
         "program_size": ProgramLayout(model.cfg).size,
-        "command": "trex-analyze " + shlex.join(argv_shown),
+        "command": " ".join(["trex-analyze", *map(shlex.quote, argv_shown)]),
         "seconds": total,
         "seconds_by_figure": seconds,
         "threads": torch.get_num_threads(),

@@ -118,8 +118,8 @@ def write(path: Path, meta: dict, s: dict) -> None:
     best = max(t["knn_purity"], key=lambda k: t["knn_purity"][k]["map_over_chance"])
     lines += [
         "",
-        (f"The map is most organised by {names.get(best, best)} "
-        f"({_f(t['knn_purity'][best]['map_over_chance'])}× chance). Answers correct: "
+        (f"Highest purity over chance in the map: {names.get(best, best)}, "
+        f"{_f(t['knn_purity'][best]['map_over_chance'])}×. Answers correct: "
         f"{_pct(t['accuracy'])}. Data: `program_tsne.csv`."),
         "",
     ]
@@ -144,8 +144,9 @@ def write(path: Path, meta: dict, s: dict) -> None:
         step = p["divergence_step"]
         lines += [
             "",
-            (f"Distance between `{p['problems'][0]}` and `{p['problems'][1]}` at each step (0 = h0), "
-            "over the RMS distance between two random cloud states at that step:"),
+            (f"Euclidean distance between the hidden states of `{p['problems'][0]}` and "
+             f"`{p['problems'][1]}` at each step (0 = h0), and relative: over the RMS distance "
+             "between two random cloud states at that step:"),
             "",
             "| step | " + " | ".join(str(i) for i in range(len(rel))) + " |",
             "| --- |" + " --- |" * len(rel),
@@ -157,6 +158,9 @@ def write(path: Path, meta: dict, s: dict) -> None:
              f"The trajectories never reach relative distance {h['threshold']}")
             + f"; largest {_f(p['max_relative_distance'])} at step "
               f"{p['step_of_max_relative_distance']}. "
+            + (f"Their programs are {_f(p['program_distance'])} apart, "
+               f"{_f(p['program_distance_relative'])} of the RMS distance between the programs of "
+               "two random problems. ")
             + ("The two runs emit the same tokens at every step."
                if p["first_step_with_different_tokens"] is None else
                f"The emitted tokens first differ at step {p['first_step_with_different_tokens']}."),

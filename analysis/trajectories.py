@@ -8,7 +8,8 @@ of the chosen problems (by default two with the same sum) to 2D. Each point of a
 trajectory is the state after one step, labelled by the token emitted from it;
 the star is h0. Divergence is measured in the full hidden space: at step t the
 distance between two trajectories over the typical distance between two random
-cloud states at that step (sqrt(2 * total variance) of the step's states).
+cloud states at that step (sqrt(2 * total variance) of the step's states); the
+distance between the two programs is put on the same scale for comparison.
 Written: hidden_trajectories.png, hidden_trajectories.json (the trajectories,
 full and projected, and the per-step distances) and hidden_cloud.csv.
 """
@@ -57,11 +58,13 @@ def run(model: TRex, out: Path, texts: list[str], cloud_n: int, threshold: float
     full = [np.vstack([h0[None], s]) for h0, s in zip(tr.h0, tr.states)]
     longest = max(len(f) for f in full)
     spread = step_spread(cloud.h0, cloud.states, longest - 1)
+    program_spread = np.sqrt(2 * common.total_variance(cloud.programs))
     pairs = []
     for k in range(1, len(problems)):
         n = min(len(full[0]), len(full[k]))
         dist = np.linalg.norm(full[0][:n] - full[k][:n], axis=1)
         rel = dist / spread[:n]
+        prog_dist = float(np.linalg.norm(tr.programs[0].astype(np.float64) - tr.programs[k]))
         over = np.nonzero(rel >= threshold)[0]
         toks0, toksk = tr.tokens[0], tr.tokens[k]
         differ = [t + 1 for t in range(min(len(toks0), len(toksk))) if toks0[t] != toksk[t]]
@@ -73,6 +76,8 @@ def run(model: TRex, out: Path, texts: list[str], cloud_n: int, threshold: float
             "max_relative_distance": float(rel.max()),
             "step_of_max_relative_distance": int(rel.argmax()),
             "first_step_with_different_tokens": differ[0] if differ else None,
+            "program_distance": prog_dist,
+            "program_distance_relative": prog_dist / program_spread,
         })
 
     answers = tr.answers()
@@ -92,6 +97,7 @@ def run(model: TRex, out: Path, texts: list[str], cloud_n: int, threshold: float
         })
     summary = {
         "problems": [p.text for p in problems],
+        "program_spread": float(program_spread),
         "cloud_problems": len(cloud_problems),
         "cloud_states": len(cloud_x),
         "cloud_accuracy": common.accuracy(cloud_problems, cloud),

@@ -147,6 +147,13 @@ def test_trajectories_are_as_long_as_the_answers(run):
     # distances are measured from h0 (step 0) to the last common step
     pair = info["summary"]["pairs"][0]
     assert len(pair["relative_distance_by_step"]) == 1 + min(len(t["labels"]) for t in trajectories)
+    first, second = (np.array(t["states"]) for t in trajectories)
+    n = min(len(first), len(second))
+    assert pair["distance_by_step"][1:] == pytest.approx(
+        np.linalg.norm(first[:n] - second[:n], axis=1).tolist(), rel=1e-3, abs=1e-4)
+    with torch.no_grad():
+        prog = model.compiler(data.encode_problems(pair["problems"])).double()
+    assert pair["program_distance"] == pytest.approx(float(torch.dist(prog[0], prog[1])), rel=1e-3)
 
 
 def test_variance_rows_add_up(run):
