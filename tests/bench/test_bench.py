@@ -1,8 +1,8 @@
 """trex-bench end to end at a tiny size, and its load loops against a fake solver.
 
 The end-to-end test serves the shipped exports when both models/onnx and
-models/onnx-baseline exist, else the session's small export of a T-REX checkpoint
-(tests/conftest.py). It checks what the benchmark writes, not how fast anything is.
+models/onnx-baseline exist, else this session's exports of a T-REX and a baseline
+checkpoint (tests/conftest.py). It checks what the benchmark writes, not how fast anything is.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ SHIPPED = {"trex": REPO / "models" / "onnx", "baseline": REPO / "models" / "onnx
 def exports(request) -> dict[str, Path]:
     if all((p / "manifest.json").is_file() for p in SHIPPED.values()):
         return dict(SHIPPED)
-    return {"trex": request.getfixturevalue("onnx_model_dir")}
+    return {
+        "trex": request.getfixturevalue("onnx_model_dir"),
+        "baseline": request.getfixturevalue("baseline_onnx_dir"),
+    }
 
 
 def test_tiny_run_writes_sane_results(exports, tmp_path):
