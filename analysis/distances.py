@@ -94,8 +94,12 @@ def run(model: TRex, out: Path, total: int, batch_size: int, seed: int) -> dict:
     iu = np.triu_indices(len(problems), 1)
     a_arr = np.array([a for a, _ in ints])
     hamming = np.array([[len(set(p) ^ set(q)) for q in places] for p in places])
+    # a+b against b+a (always the same carry pattern)
+    where = {ab: i for i, ab in enumerate(ints)}
+    swapped = [d[i, where[(b, a)]] for i, (a, b) in enumerate(ints) if a < b]
     summary.update(
         sum=total,
+        mean_distance_swapped_operands=float(np.mean(swapped)) if swapped else float("nan"),
         problems=len(problems),
         patterns={p: patterns.count(p) for p in dict.fromkeys(patterns)},
         accuracy=sum(g == p.answer for p, g in zip(problems, answers)) / len(problems),

@@ -57,6 +57,8 @@ def write(path: Path, meta: dict, s: dict) -> None:
         f"{d['permutations']} relabellings)."),
         (f"- The nearest other program has the same carry pattern for {_pct(d['nn_same_pattern'])} "
         f"of the problems (chance {_pct(d['nn_same_pattern_chance'])})."),
+        (f"- a+b and b+a (same pattern): mean distance {_f(d['mean_distance_swapped_operands'])}, "
+         f"against {_f(same)} for any two programs of one pattern."),
         (f"- Spearman correlation of distance with |Δa|: {_f(d['spearman_distance_vs_abs_delta_a'])}; "
         "with the number of places whose carry differs: "
         f"{_f(d['spearman_distance_vs_carry_places_differing'])}."),

@@ -117,6 +117,11 @@ def test_distance_matrix_is_symmetric_zero_on_diagonal_and_matches_the_programs(
     assert by_text["60+63="] == "tens→hundreds"
     assert by_text["99+24="] == "ones→tens, tens→hundreds"
 
+    swapped = [d[texts.index(f"{a}+{TOTAL - a}="), texts.index(f"{TOTAL - a}+{a}=")]
+               for a in range(n) if a < TOTAL - a]
+    assert info["summary"]["mean_distance_swapped_operands"] == pytest.approx(np.mean(swapped),
+                                                                              rel=1e-3)
+
     # an entry is the distance between the two programs the model writes
     model, _ = checkpoint.load(ckpt)
     i, j = texts.index("17+106="), texts.index("58+65=")
