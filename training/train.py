@@ -84,6 +84,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    torch.set_grad_enabled(True)  # a caller in the same process may have turned it off
     if args.threads:
         torch.set_num_threads(args.threads)
 
