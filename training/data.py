@@ -164,7 +164,6 @@ def held_out_set(n: int = 20_000, seed: int = 1234, max_digits: int = 10) -> lis
 
 
 def _draw_held_out(n: int, seed: int, max_digits: int) -> list[Problem]:
-    rng = random.Random(seed)
     seen = set(EDGE_CASES)
     out = [parse(t) for t in EDGE_CASES]
     cells = [(la, lb) for la in range(1, max_digits + 1) for lb in range(1, max_digits + 1)]
@@ -181,8 +180,12 @@ def _draw_held_out(n: int, seed: int, max_digits: int) -> list[Problem]:
             p_chain = r.choice((0.0, 0.0, 0.5, 0.9))
             a, b = _pair_digits(r, *cell, p_chain)
             p = Problem(
-                _with_zeros(r, a, max_digits) if r.random() < 0.05 else "".join(map(str, reversed(a))),
-                _with_zeros(r, b, max_digits) if r.random() < 0.05 else "".join(map(str, reversed(b))),
+                _with_zeros(r, a, max_digits)
+                if r.random() < 0.05
+                else "".join(map(str, reversed(a))),
+                _with_zeros(r, b, max_digits)
+                if r.random() < 0.05
+                else "".join(map(str, reversed(b))),
             )
             if p.text in seen or not is_held_out(p.text):
                 continue

@@ -1,6 +1,6 @@
 """Exact-match evaluation of a T-REX checkpoint on the held-out set.
 
-    trex-eval --checkpoint models/trex.pt --report runs/eval.json
+trex-eval --checkpoint models/trex.pt --report runs/eval.json
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--checkpoint", default="models/trex.pt")
     ap.add_argument("--problems", type=int, default=20_000, help="held-out problems to score")
     ap.add_argument("--seed", type=int, default=1234, help="seed of the held-out set")

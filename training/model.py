@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from training import vocab
 
@@ -107,9 +106,7 @@ def place_values(ids: torch.Tensor, n_places: int) -> tuple[torch.Tensor, torch.
     after_second = second.long().sum(1, keepdim=True) - torch.cumsum(second.long(), 1)
     # '+', '=' and padding sit at the far end of the place axis, away from every digit
     places = torch.where(first, after_first, torch.where(second, after_second, n_places - 1))
-    roles = torch.where(
-        first, 0, torch.where(second, 1, torch.where(is_sep, 2, 3))
-    )
+    roles = torch.where(first, 0, torch.where(second, 1, torch.where(is_sep, 2, 3)))
     return places, roles
 
 
@@ -171,8 +168,14 @@ class ProgramHead(nn.Module):
         u = H // S
         self.u = u
         # one slot's share of the program, in this order
-        self.parts = {"w_ih": (3, u, E), "w_hh": (3, u, H), "b_ih": (3, u), "b_hh": (3, u),
-                      "w_out": (V, u), "h0": (u,)}
+        self.parts = {
+            "w_ih": (3, u, E),
+            "w_hh": (3, u, H),
+            "b_ih": (3, u),
+            "b_hh": (3, u),
+            "w_out": (V, u),
+            "h0": (u,),
+        }
         self.share = sum(math.prod(s) for s in self.parts.values())
         self.slot_map = nn.Linear(cfg.d_model, self.share)
         self.slot_base = nn.Parameter(torch.empty(S, self.share))
@@ -189,7 +192,7 @@ class ProgramHead(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, S, C) slot outputs -> programs (B, P) in ``ProgramLayout`` order."""
         B, S, _ = z.shape
-        H, E, V, u = self.cfg.hidden, self.cfg.embed, self.cfg.vocab_size, self.u
+        H, E, V = self.cfg.hidden, self.cfg.embed, self.cfg.vocab_size
         share = self.slot_map(z) + self.slot_base  # (B, S, share)
         parts, start = {}, 0
         for name, shape in self.parts.items():
@@ -205,10 +208,16 @@ class ProgramHead(nn.Module):
         w_out = parts["w_out"].permute(0, 2, 1, 3).reshape(B, V, H)  # (B, V, H)
         h0 = parts["h0"].reshape(B, H)
         b_out = self.out_bias(z.mean(dim=1))  # (B, V)
-        flat = {"w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
-                "w_out": w_out, "b_out": b_out, "h0": h0}
+        flat = {
+            "w_ih": w_ih,
+            "w_hh": w_hh,
+            "b_ih": b_ih,
+            "b_hh": b_hh,
+            "w_out": w_out,
+            "b_out": b_out,
+            "h0": h0,
+        }
         return torch.cat([flat[n].reshape(B, -1) for n in self.layout.shapes], dim=1)
-
 
 
 class Compiler(nn.Module):
@@ -267,7 +276,9 @@ class Compiler(nn.Module):
         # attention bias: relative place per head, and no attention to padding
         all_places = torch.cat([places, slot_places.unsqueeze(0).expand(B, S)], dim=1)
         rel = all_places.unsqueeze(2) - all_places.unsqueeze(1) + (self.n_places - 1)  # (B, L, L)
-        pad = torch.cat([ids == vocab.PAD_ID, torch.zeros(B, S, dtype=torch.bool, device=ids.device)], 1)
+        pad = torch.cat(
+            [ids == vocab.PAD_ID, torch.zeros(B, S, dtype=torch.bool, device=ids.device)], 1
+        )
         pad_bias = torch.zeros(B, 1, 1, T + S, device=ids.device).masked_fill(
             pad.view(B, 1, 1, T + S), -1e9
         )

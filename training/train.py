@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import checkpoint, data, vocab
-from training.evaluate import evaluate
 from training.baseline import Baseline, BaselineConfig, reversed_answer
+from training.evaluate import evaluate
 from training.model import ModelConfig, TRex
 
 
@@ -63,7 +63,9 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def parse_args(argv=None):
     d = ModelConfig()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", choices=("trex", "baseline"), default="trex")
     ap.add_argument("--out", default="models/trex.pt", help="checkpoint path")
     ap.add_argument("--resume", action="store_true", help="continue from --out if it exists")
@@ -124,7 +126,11 @@ def main(argv=None) -> None:
         if state.get("rng") and rank < len(state["rng"]):
             rng.setstate(state["rng"][rank])
     train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    held_out = data.held_out_set(args.eval_problems, seed=99, max_digits=cfg.max_digits) if master else None
+    held_out = (
+        data.held_out_set(args.eval_problems, seed=99, max_digits=cfg.max_digits)
+        if master
+        else None
+    )
     if master:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{args.model}: {n_params:,} parameters, device {device}")
@@ -164,8 +170,13 @@ def main(argv=None) -> None:
                     f"  worst length {100 * worst:.2f}%  {seen / elapsed:.0f} problems/s"
                 )
                 checkpoint.save(
-                    args.out, model, optimizer=opt.state_dict(), step=step, rng=rngs,
-                    args=vars(args), held_out_accuracy=report["accuracy"],
+                    args.out,
+                    model,
+                    optimizer=opt.state_dict(),
+                    step=step,
+                    rng=rngs,
+                    args=vars(args),
+                    held_out_accuracy=report["accuracy"],
                 )
     bar.close()
     if distributed:

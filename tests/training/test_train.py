@@ -5,8 +5,26 @@ import torch
 from training import checkpoint, train
 from training.model import TRex
 
-SMALL = ["--d-model", "32", "--n-layers", "2", "--d-ff", "64", "--hidden", "24", "--embed", "8",
-         "--batch-size", "64", "--eval-problems", "50", "--threads", "1", "--warmup", "10"]
+SMALL = [
+    "--d-model",
+    "32",
+    "--n-layers",
+    "2",
+    "--d-ff",
+    "64",
+    "--hidden",
+    "24",
+    "--embed",
+    "8",
+    "--batch-size",
+    "64",
+    "--eval-problems",
+    "50",
+    "--threads",
+    "1",
+    "--warmup",
+    "10",
+]
 
 
 def batch_loss(model: TRex, batch) -> float:
