@@ -14,7 +14,9 @@ What follows describes T-REX's graphs.
 Writes into ``--out``: compiler.onnx, executor.onnx, executor_split.onnx, pool_write.onnx
 and executor_pool.onnx (export/graphs.py has their signatures; batch, sequence and pool axes
 are dynamic) and manifest.json: vocabulary, program layout, model config, opset, model
-version, the SHA-256, inputs and outputs of every graph, and the held-out accuracy.
+version, the SHA-256, inputs and outputs of every graph, the held-out accuracy, and the
+executor's shared token embedding (``executor_embedding``: shape [V, E] and values, row by
+token id), so that a program can be replayed outside ONNX Runtime.
 
 Every graph passes ``onnx.checker.check_model`` and is run in ONNX Runtime against the torch
 model on a few problems before anything is written to ``--out``. ``--verify N`` (default
@@ -158,6 +160,17 @@ def export_graphs(model: TRex | Baseline, out_dir: Path, opset: int = OPSET) -> 
     return entries
 
 
+def executor_embedding(model: TRex) -> dict:
+    """The executor's token embedding (V, E), the one executor weight no program carries.
+
+    It is written here, and not only inside the executor graphs, so that a client given a
+    program (the service's Inspect) can replay the executor without reading ONNX; the
+    float32 values go through JSON as Python floats, which round-trip to the same float32.
+    """
+    weight = model.executor.embed.weight.detach().float().cpu()
+    return {"shape": list(weight.shape), "values": weight.tolist()}
+
+
 def build_manifest(
     model: TRex | Baseline, state: dict, ckpt_path: Path, ckpt_sha: str, entries: dict, opset: int
 ) -> dict:
@@ -177,6 +190,7 @@ def build_manifest(
                 "layout": layout.to_list(),
                 "step_parts": graphs.step_parts(model),
             },
+            "executor_embedding": executor_embedding(model),
         }
     return {
         "format": MANIFEST_FORMAT,

@@ -21,6 +21,7 @@ torch's own.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -49,9 +50,12 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def quick_check(model: TRex, model_dir: Path) -> float:
     """Largest absolute difference between torch and each graph, over a few problems at
-    batch 1 and in a padded batch; ``inf`` when a graph's tokens or pool bookkeeping is off."""
+    batch 1 and in a padded batch; ``inf`` when a graph's tokens or pool bookkeeping is off.
+    A numpy step with the manifest's ``executor_embedding`` is held to the same bound, so an
+    export whose manifest could not replay its programs is refused."""
     d = Path(model_dir)
     s = {name: _session(d / f"{name}.onnx") for name in graphs.GRAPH_NAMES}
+    embedding = _manifest_embedding(d)
     layout = model.executor.layout
     parts, step = list(layout.shapes), graphs.step_parts(model)
     a, b = layout.offsets["h0"]
@@ -71,6 +75,8 @@ def quick_check(model: TRex, model_dir: Path) -> float:
         tok_s, h_s, logits_s = s["executor_split"].run(
             None, {**{n: split[n] for n in step}, "hidden": split["h0"], "tokens": start}
         )
+        # the manifest's embedding replays the graph's step outside ONNX Runtime
+        logits_n, h_n = _numpy_step(split, embedding, start)
         worst = max(
             worst,
             _diff(p_o, p_t),
@@ -78,6 +84,8 @@ def quick_check(model: TRex, model_dir: Path) -> float:
             _diff(h_o, h_t),
             _diff(logits_s, logits_t),
             _diff(h_s, h_t),
+            _diff(logits_n, logits_o),
+            _diff(h_n, h_o),
         )
         if not (np.array_equal(tok, logits_o.argmax(-1)) and np.array_equal(tok_s, tok)):
             return float("inf")
@@ -103,6 +111,27 @@ def quick_check(model: TRex, model_dir: Path) -> float:
         if not (np.array_equal(tok_p, tok) and not pool_h[untouched].any()):
             return float("inf")
     return worst
+
+
+def _manifest_embedding(model_dir: Path) -> np.ndarray:
+    """The executor embedding (V, E) that the export's manifest.json carries."""
+    entry = json.loads((model_dir / "manifest.json").read_text())["executor_embedding"]
+    return np.asarray(entry["values"], np.float32).reshape(entry["shape"])
+
+
+def _numpy_step(parts: dict[str, np.ndarray], embedding: np.ndarray, tokens: np.ndarray):
+    """One GRU step (gates r, z, n as torch orders them) in plain numpy: what a client
+    replaying a program computes; -> logits (B, V), new hidden (B, H)."""
+    x = embedding[tokens]  # (B, E)
+    h = parts["h0"]
+    gi = np.einsum("bge,be->bg", parts["w_ih"], x) + parts["b_ih"]  # (B, 3H)
+    gh = np.einsum("bgh,bh->bg", parts["w_hh"], h) + parts["b_hh"]
+    i_r, i_z, i_n = np.split(gi, 3, axis=1)
+    h_r, h_z, h_n = np.split(gh, 3, axis=1)
+    r = 1 / (1 + np.exp(-(i_r + h_r)))
+    z = 1 / (1 + np.exp(-(i_z + h_z)))
+    h = (1 - z) * np.tanh(i_n + r * h_n) + z * h
+    return np.einsum("bvh,bh->bv", parts["w_out"], h) + parts["b_out"], h
 
 
 def _split(layout, programs: np.ndarray) -> dict[str, np.ndarray]:

@@ -29,6 +29,9 @@ def test_manifest_describes_the_export(onnx_model_dir, trex_model, trex_checkpoi
     assert m["config"] == cfg.to_dict()
     assert m["program"]["size"] == layout.size
     assert m["program"]["layout"] == layout.to_list()
+    embedding = np.asarray(m["executor_embedding"]["values"], np.float32)
+    assert m["executor_embedding"]["shape"] == [cfg.vocab_size, cfg.embed]
+    np.testing.assert_array_equal(embedding, trex_model.executor.embed.weight.detach().numpy())
     assert m["opset"] == onnx_export.OPSET
     ckpt_sha = hashlib.sha256(trex_checkpoint.read_bytes()).hexdigest()
     assert m["checkpoint"]["sha256"] == ckpt_sha
