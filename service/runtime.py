@@ -166,6 +166,16 @@ def read_manifest(model_dir: str | Path) -> dict:
         raise ModelLoadError(f"{path}: program layout does not add up to its size {size}")
     if not set(program.get("step_parts", ["?"])) <= names:
         raise ModelLoadError(f"{path}: step_parts {program.get('step_parts')} not in the layout")
+    if "executor_embedding" in manifest:
+        emb = manifest["executor_embedding"]
+        want = [len(vocab), manifest["config"].get("embed")]
+        try:
+            values = np.asarray(emb["values"], np.float32)
+            ok = emb["shape"] == want and list(values.shape) == want
+        except (TypeError, KeyError, ValueError):  # not a dict, or ragged or non-numeric values
+            ok = False
+        if not ok:
+            raise ModelLoadError(f"{path}: executor_embedding is not a [vocab, embed] {want} table")
     return manifest
 
 
@@ -202,9 +212,11 @@ class _HostPool:
         self.hidden[sel] = out[1]  # (B, H) back into the pool
         return out[0], (out[2] if want_logits else None)
 
-    def read(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        program = np.concatenate([self.parts[n][row].ravel() for n in self.layout])
-        return program, self.hidden[row].copy()
+    def read_program(self, row: int) -> np.ndarray:
+        return np.concatenate([self.parts[n][row].ravel() for n in self.layout])
+
+    def read_hidden(self, row: int) -> np.ndarray:
+        return self.hidden[row].copy()
 
 
 class _DevicePool:
@@ -271,10 +283,15 @@ class _DevicePool:
         out = b.get_outputs()  # in the order bound above
         return out[0].numpy(), (out[2].numpy() if want_logits else None)
 
-    def read(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        # NOTE: copies each whole pool buffer to the host; for inspection, not the hot path
+    # NOTE: an OrtValue has no row view, so each read copies whole pool buffers to the host
+    # (N x P floats for a program, N x H for a hidden state); for inspection, not the hot path
+
+    def read_program(self, row: int) -> np.ndarray:
         parts = [self.buf[n][self.p_live].numpy()[row].ravel() for n in self.layout]
-        return np.concatenate(parts), self.buf["hidden"][self.h_live].numpy()[row].copy()
+        return np.concatenate(parts)
+
+    def read_hidden(self, row: int) -> np.ndarray:
+        return self.buf["hidden"][self.h_live].numpy()[row].copy()
 
 
 class _BaselineHostPool:
@@ -419,6 +436,11 @@ class Runtime:
         # T-REX: program and executor sizes; the baseline: its key-value cache's sizes
         self.hidden_size: int | None = None
         self.program_size: int | None = None
+        # T-REX: the flat program's parts (name, shape, offset, size), and the executor's
+        # token embedding (V, E) that every program shares, so that a program read from the
+        # pool can be replayed; None from an export whose manifest predates it
+        self.program_layout: list[dict] | None = None
+        self.executor_embedding: np.ndarray | None = None
         self.cache: dict[str, int] | None = None
         if self.kind == "trex":
             self.hidden_size = int(cfg["hidden"])
@@ -429,6 +451,12 @@ class Runtime:
                 for p in m["program"]["layout"]
             }
             self._h0 = self._layout["h0"][:2]
+            self.program_layout = [dict(p) for p in m["program"]["layout"]]
+            if "executor_embedding" in m:
+                emb = m["executor_embedding"]
+                self.executor_embedding = np.asarray(emb["values"], np.float32).reshape(
+                    emb["shape"]
+                )
             self._step_parts: list[str] = list(m["program"]["step_parts"])
         else:
             self.cache = {k: int(m["cache"][k]) for k in _CACHE_KEYS}
@@ -636,13 +664,13 @@ class Runtime:
         """Host copy of pool row ``row``'s program (P,) (T-REX)."""
         self._need("trex", "programs")
         with self._lock:
-            return self._pool.read(self._row(row))[0]
+            return self._pool.read_program(self._row(row))
 
     def read_hidden(self, row: int) -> np.ndarray:
         """Host copy of pool row ``row``'s hidden state (H,) (T-REX)."""
         self._need("trex", "hidden states")
         with self._lock:
-            return self._pool.read(self._row(row))[1]
+            return self._pool.read_hidden(self._row(row))
 
     def read_cache(self, row: int) -> dict[str, np.ndarray | int]:
         """Host copy of pool row ``row``'s key-value cache (the baseline), its filled

@@ -151,6 +151,21 @@ def test_manifest_of_another_format_is_refused(model_copy):
         read_manifest(model_copy)
 
 
+def test_embedding_that_is_not_a_vocab_by_embed_table_is_refused(model_copy):
+    _edit_manifest(model_copy, lambda m: m["executor_embedding"]["values"].pop())
+    with pytest.raises(ModelLoadError, match=r"executor_embedding is not a \[vocab, embed\]"):
+        read_manifest(model_copy)
+
+
+def test_export_without_an_embedding_still_serves(model_copy, runtimes):
+    """Exports made before the manifest carried the embedding serve as before; the runtime
+    says with None that their programs cannot be replayed."""
+    _edit_manifest(model_copy, lambda m: m.pop("executor_embedding"))
+    rt = Runtime(model_copy, provider="cpu")
+    assert rt.executor_embedding is None
+    assert rt.solve(PROBLEMS) == runtimes["host"].solve(PROBLEMS)
+
+
 # ---- the pool API --------------------------------------------------------------------------
 
 
@@ -286,6 +301,10 @@ def test_runtime_exposes_what_the_scheduler_needs(runtimes):
     assert rt.max_steps == m["config"]["max_steps"]
     assert rt.hidden_size == m["config"]["hidden"]
     assert rt.program_size == m["program"]["size"]
+    assert rt.program_layout == m["program"]["layout"]
+    emb = m["executor_embedding"]
+    assert rt.executor_embedding.dtype == np.float32
+    np.testing.assert_array_equal(rt.executor_embedding, np.asarray(emb["values"], np.float32))
     assert rt.graphs == {"compiler": "compiler.onnx", "executor": "executor_split.onnx"}
     assert runtimes["device"].graphs == {
         "compiler": "compiler.onnx",
