@@ -79,7 +79,7 @@ def read_model(label: str, model_dir: Path) -> Model:
     try:
         manifest = read_manifest(model_dir)
     except ModelLoadError as exc:
-        raise SystemExit(f"trex-bench: {label}: {exc}")
+        raise SystemExit(f"trex-bench: {label}: {exc}") from None
     kind = manifest.get("kind") or manifest["config"].get("kind") or "trex"
     return Model(
         label, model_dir, kind, manifest["model_version"], int(manifest["config"]["max_digits"])
@@ -106,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--modes", default="grpc,engine", help="grpc, engine or both (default %(default)s)"
     )
     ap.add_argument(
-        "--concurrency", default="1,4,16,64", help="closed-loop clients, comma-separated"
+        "--concurrency", default="1,4,16,64,256", help="closed-loop clients, comma-separated"
     )
     ap.add_argument(
         "--load-fractions",

@@ -138,6 +138,19 @@ def ratios(results: dict) -> list[dict]:
                 f"execute {_f(g['mean_execute_batch'])} vs {_f(e['mean_execute_batch'])}",
             }
         )
+        if g["server_cpu_s_per_answer"] and e["server_cpu_s_per_answer"]:
+            out.append(
+                {
+                    "name": f"{_name(results, label)}: CPU per answer, gRPC server process / "
+                    f"engine-only process, {top:.0f} clients",
+                    "value": g["server_cpu_s_per_answer"] / e["server_cpu_s_per_answer"],
+                    "target": "",
+                    "met": None,
+                    "detail": f"{g['server_cpu_s_per_answer'] * 1e3:.3f} ms / "
+                    f"{e['server_cpu_s_per_answer'] * 1e3:.3f} ms (the latter includes "
+                    "the load generator)",
+                }
+            )
         gs = saturated(results, label)
         if gs and engine_best["answers_per_s"] > 0:
             out.append(
@@ -180,19 +193,24 @@ def markdown(results: dict) -> str:
             "Closed loop: N clients each sending its next problem when its answer came back. "
             "Open loop: Poisson arrivals, latency from the scheduled arrival. Passes/token: "
             "transformer forward passes per output token (`<end>` included). CPU: the server "
-            "process (engine-only: the whole bench process, load generator included)."
+            "process, per answer and in cores busy over the window (engine only: the whole "
+            "bench process, load generator included); client CPU: the load generator's "
+            "process, which shares the machine with the server."
         ),
         "",
         (
             "| model | via | load | answers/s | tokens/s | p50 ms | p95 ms | p99 ms "
-            "| passes/token | CPU ms/answer | accuracy | errors | mean batch compile / execute |"
+            "| passes/token | CPU ms/answer | CPU cores | client CPU ms/answer | accuracy "
+            "| errors | mean batch compile / execute |"
         ),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, entry in results["models"].items():
         for mode in ("grpc", "engine"):
             for p in entry.get(mode, {}).get("points", []):
                 errors = ", ".join(f"{k} {v}" for k, v in sorted(p["errors"].items())) or "0"
+                # in-process, the load generator's CPU is already in the process's
+                client = p["client_cpu_s_per_answer"] if mode == "grpc" else None
                 lines.append(
                     f"| {_name(results, label)} | {'gRPC' if mode == 'grpc' else 'engine only'} "
                     f"| {_load(p)} | {_f(p['answers_per_s'], '.0f')} "
@@ -200,6 +218,8 @@ def markdown(results: dict) -> str:
                     f"| {_f(p['p95_ms'], '.2f')} | {_f(p['p99_ms'], '.2f')} "
                     f"| {_f(p['passes_per_token'], '.3f')} "
                     f"| {_f(p['server_cpu_s_per_answer'], '.3f', 1e3)} "
+                    f"| {_f(p['server_cores'], '.2f')} "
+                    f"| {_f(client, '.3f', 1e3)} "
                     f"| {_f(p['accuracy'], '.2%')} | {errors} "
                     f"| {_f(p['mean_compile_batch'])} / {_f(p['mean_execute_batch'])} |"
                 )
