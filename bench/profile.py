@@ -14,8 +14,9 @@ Two views, because neither is enough alone:
   most often on the stack (inclusive time).
 
 NOTE: py-spy does not recognise every blocking wait as idle (a futex inside libc shows up as
-an unresolved libc address), so those samples are put in their own category, "waiting";
-the busy categories are what the thread's CPU seconds are spent on. ``--native`` makes
+an unresolved libc address under pthread_cond_timedwait), so samples under a known waiting
+call are put in their own category, "waiting"; the busy categories are what the thread's
+CPU seconds are spent on. ``--native`` makes
 py-spy pause the process for each sample, so a profiled point is slower than a measured one
 and is not reported as throughput.
 """
@@ -34,7 +35,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 RATE_HZ = 200
-WAITING = "waiting (epoll, futex, unresolved libc)"
+WAITING = "waiting (epoll, locks, queues, the GIL)"
 SYSCALLS = "syscalls: socket I/O, thread wake-ups"
 _WAITS = {
     "epoll_wait",
@@ -61,6 +62,13 @@ _IO = {
     "getpid",
     "eventfd_write",
     "writev",
+}
+# CPython and the stdlib waiting for a lock, a queue or the GIL
+_WAIT_CALLERS = {
+    "PyThread_acquire_lock_timed",
+    "_queue_SimpleQueue_get_impl",
+    "take_gil",
+    "select_epoll_poll_impl",
 }
 # (category, pattern on a frame's file); the first that matches the innermost frame wins
 CATEGORIES = (
@@ -117,16 +125,20 @@ def parse_raw(path: Path) -> list[tuple[int, str, list[tuple[str, str]], int]]:
 
 
 def category(frames: list[tuple[str, str]]) -> str:
-    if not frames:
-        return "other"
-    func, file = frames[-1]
-    if "libc.so" in file or "libpthread" in file:
-        if func in _IO:
+    """Where a sample was: from the innermost frame outwards, the first frame that says
+    something (libc internals and addresses py-spy could not name are passed over)."""
+    for func, file in reversed(frames):
+        libc = "libc.so" in file or "libpthread" in file
+        if func in _WAITS or func in _WAIT_CALLERS:
+            return WAITING
+        if libc and func in _IO:
             return SYSCALLS
-        return WAITING  # blocking calls, and addresses py-spy could not name
-    for name, pattern in CATEGORIES:
-        if pattern.search(file):
-            return name
+        if libc or not file:
+            continue
+        for name, pattern in CATEGORIES:
+            if pattern.search(file):
+                return name
+        return "other"
     return "other"
 
 
