@@ -15,6 +15,11 @@ Failure isolation: when a compiler or executor call fails, the engine reruns
 the rows of that call one by one; only the rows that fail alone end with
 ExecutionFailed, their batch-mates carry on. Every accepted problem ends:
 answered, failed, expired, cancelled, or refused at shutdown.
+
+Inspection (T-REX only): a problem submitted with ``record=True`` is scheduled, batched and
+executed like any other, so what is recorded is what served it; after its compile phase the
+engine copies its row's program and initial hidden state to the host, and after each step
+its hidden state (``Trace``). Rows not recorded pay nothing: no reads are made for them.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import Cancelled, ExecutionFailed, NotReady, ShuttingDown
+from service.errors import Cancelled, ExecutionFailed, NotReady, ShuttingDown, Unsupported
 from service.metrics import Metrics
 from service.scheduler import (
     CompilePhase,
@@ -46,11 +51,21 @@ SUMMARY_INTERVAL_S = 30.0  # the periodic throughput line; silent while idle
 WARMUP_PROBLEMS = ("0+0=", "9999999999+1=", "7669+10132=", "1+9999999999=")
 
 
+@dataclass
+class Trace:
+    """What an inspected problem's pool row held, copied to the host as it was served."""
+
+    program: np.ndarray | None = None  # (P,) the compiled program, layout order
+    initial_hidden: np.ndarray | None = None  # (H,) the hidden state before the first step
+    hidden: list[np.ndarray] = field(default_factory=list)  # (H,) after each step, per token
+
+
 class Ticket:
     """An accepted problem, as its request handler sees it."""
 
-    def __init__(self, request: Request):
+    def __init__(self, request: Request, record: bool = False):
         self.request = request
+        self.trace: Trace | None = Trace() if record else None  # filled by the engine
         self._tokens: asyncio.Queue[int | None] = asyncio.Queue()  # ids, then None at the end
         self._done = asyncio.Event()
 
@@ -155,18 +170,21 @@ class Engine:
 
     # --- requests ---
 
-    def submit(self, problem: str, timeout_s: float | None = None) -> Ticket:
+    def submit(self, problem: str, timeout_s: float | None = None, record: bool = False) -> Ticket:
         """Validate and queue a problem; raises InvalidProblem, QueueFull, NotReady or
-        ShuttingDown instead of queueing it."""
+        ShuttingDown instead of queueing it. ``record``: fill ``ticket.trace`` as it is served
+        (raises Unsupported where the model has no programs to record)."""
         if self._task is None:
             raise NotReady("the model is still loading")
         if not self.running:
             raise ShuttingDown("the server is shutting down")
+        if record:
+            self._check_recordable()
         validate_problem(problem, self.runtime.max_digits)
         now_ns = time.monotonic_ns()
         deadline_ns = None if timeout_s is None else now_ns + int(timeout_s * 1e9)
         request = self.scheduler.add(problem, now_ns, deadline_ns)
-        ticket = Ticket(request)
+        ticket = Ticket(request, record)
         self._tickets[request.id] = ticket
         log.debug("request %d queued: %r", request.id, problem)
         self._update_gauges()
@@ -190,6 +208,29 @@ class Engine:
             return await ticket.result()
         finally:
             self.release(ticket)
+
+    async def inspect(self, problem: str, timeout_s: float | None = None) -> tuple[Request, Trace]:
+        """``solve``, recording the program and hidden states of the row that served it."""
+        ticket = self.submit(problem, timeout_s, record=True)
+        try:
+            return await ticket.result(), ticket.trace
+        finally:
+            self.release(ticket)
+
+    def _check_recordable(self) -> None:
+        """Refuse to record where there is nothing a client could replay."""
+        rt = self.runtime
+        if getattr(rt, "kind", "trex") != "trex":
+            raise Unsupported(
+                f"Inspect needs a T-REX model: this server serves the {rt.kind} model "
+                f"{rt.model_version}, which writes no executor program (it runs a transformer "
+                "pass per token); use Solve, or a server of a T-REX export"
+            )
+        if getattr(rt, "executor_embedding", None) is None:
+            raise Unsupported(
+                f"the export of {rt.model_version} has no executor_embedding in its manifest, "
+                "so its programs cannot be replayed; re-export it with trex-export"
+            )
 
     # --- the loop ---
 
@@ -252,6 +293,7 @@ class Engine:
                     error = ExecutionFailed(f"the compiler failed on this problem: {row_exc}")
                     self.scheduler.fail(phase, request, error, time.monotonic_ns())
 
+        await self._record(phase, with_program=True)
         received = self.scheduler.finish_compile(phase, time.monotonic_ns(), first)
         for request in received:
             self._tickets[request.id]._emit(request.tokens[-1])
@@ -291,6 +333,7 @@ class Engine:
                     error = ExecutionFailed(f"the executor failed on this problem: {row_exc}")
                     self.scheduler.fail(phase, request, error, time.monotonic_ns())
 
+        await self._record(phase, with_program=False)
         stepped = self.scheduler.finish_execute(phase, tokens, time.monotonic_ns())
         for request in stepped:
             self._tickets[request.id]._emit(request.tokens[-1])
@@ -299,6 +342,40 @@ class Engine:
         self.metrics.observe_execute(len(phase.requests), len(stepped), passes)
         self._summary.execute_batches += 1
         self._summary.stepped += len(phase.requests)
+
+    async def _record(self, phase: CompilePhase | ExecutePhase, with_program: bool) -> None:
+        """Copy what the phase left in the rows of its recorded requests into their traces:
+        after a compile the program and initial hidden state, after a step the hidden state.
+
+        Runs before the phase is finished, so no row has been freed or reused yet; a read
+        that fails ends the recorded requests it was for, not the phase.
+        """
+        recorded = []
+        for request, row in zip(phase.requests, phase.rows):
+            ticket = self._tickets.get(request.id)
+            if not request.done and ticket is not None and ticket.trace is not None:
+                recorded.append((request, row, ticket.trace))
+        if not recorded:
+            return
+        rows = [row for _, row, _ in recorded]
+        try:
+            reads = await self._in_worker(self._read_rows, rows, with_program)
+        except Exception as exc:  # noqa: BLE001 - ends the recorded requests only
+            log.error("reading rows %s for inspection failed: %s", rows, exc)
+            for request, _, _ in recorded:
+                error = ExecutionFailed(f"reading this problem's executor state failed: {exc}")
+                self.scheduler.fail(phase, request, error, time.monotonic_ns())
+            return
+        for (_, _, trace), (program, hidden) in zip(recorded, reads):
+            if with_program:
+                trace.program, trace.initial_hidden = program, hidden
+            else:
+                trace.hidden.append(hidden)
+
+    def _read_rows(self, rows: list[int], with_program: bool):
+        """-> (program or None, hidden state) of each row, host copies."""
+        rt = self.runtime
+        return [(rt.read_program(r) if with_program else None, rt.read_hidden(r)) for r in rows]
 
     async def _in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)

@@ -13,6 +13,10 @@ class InvalidProblem(ServiceError):
     """The problem text is not one the model can solve."""
 
 
+class InvalidArgument(ServiceError):
+    """A request field other than the problem is out of range."""
+
+
 class QueueFull(ServiceError):
     """Too many problems are waiting; the client should retry later."""
 
@@ -35,3 +39,8 @@ class Cancelled(ServiceError):
 
 class ExecutionFailed(ServiceError):
     """The model runtime failed on this problem."""
+
+
+class Unsupported(ServiceError):
+    """The served model cannot do what was asked, whatever the input (Inspect on the
+    baseline, which writes no program); retrying will not help, another server might."""

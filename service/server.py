@@ -31,16 +31,19 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
 from protos.trex.v1 import trex_pb2, trex_pb2_grpc
+from service import inspection
 from service.engine import Engine, Ticket
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
     ExecutionFailed,
+    InvalidArgument,
     InvalidProblem,
     NotReady,
     QueueFull,
     ServiceError,
     ShuttingDown,
+    Unsupported,
 )
 from service.metrics import Metrics
 from service.runtime import KINDS, LEAST_SIGNIFICANT_FIRST, PROVIDERS, Runtime
@@ -54,12 +57,14 @@ SERVICE_NAME = trex_pb2.DESCRIPTOR.services_by_name["Solver"].full_name  # "trex
 # The one table from errors to gRPC status codes; anything else is INTERNAL.
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidProblem: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     ExecutionFailed: grpc.StatusCode.INTERNAL,
+    Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 STOP_REASONS = {
@@ -250,6 +255,20 @@ class SolverServicer(trex_pb2_grpc.SolverServicer):
             for outcome in outcomes:
                 if isinstance(outcome, Ticket):
                     engine.release(outcome)
+
+    @_unary
+    async def Inspect(self, request, context):
+        detail = inspection.program_detail(request)
+        engine = self._engine()
+        solved, trace = await engine.inspect(request.problem, context.time_remaining())
+        return inspection.response(
+            engine.runtime,
+            solved,
+            trace,
+            detail=detail,
+            stop_reason=STOP_REASONS[solved.stop_reason],
+            order=digit_order(engine.runtime),
+        )
 
     def _batch_result(self, outcome: Request | ServiceError) -> trex_pb2.SolveBatchResult:
         if isinstance(outcome, Request):

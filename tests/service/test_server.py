@@ -221,7 +221,7 @@ def test_reflection_lists_and_describes_the_service(server):
     assert {"trex.v1.Solver", "grpc.health.v1.Health"} <= set(db.get_services())
     proto = db.FindFileContainingSymbol("trex.v1.Solver")
     methods = [m.name for m in proto.service[0].method]
-    assert methods == ["Solve", "SolveStream", "SolveBatch"]
+    assert methods == ["Solve", "SolveStream", "SolveBatch", "Inspect"]
 
 
 def test_model_info_names_version_and_provider(server, reference):
