@@ -4,10 +4,16 @@
     trex-client --target localhost:50051 --file problems.txt --stats
     printf '1+2=\\n30+12=\\n' | trex-client --target localhost:50051
     trex-client --target localhost:50051 --stream 9999999999+1=
+    trex-client --target localhost:50051 --inspect 7669+10132= --out inspect.json [--summary]
 
 --stream prints each digit as it arrives when the model emits the answer as it is written
 (T-REX); a model that emits the least significant digit first (the baseline) has its answer
 printed whole when the stream ends.
+
+--inspect calls Inspect on one problem (T-REX only) and writes the reply to --out as JSON:
+the answer, the tokens, the executor program (every parameter, or with --summary statistics
+per named tensor) with its layout, the executor's token embedding and the hidden state after
+every step, field names as in protos/trex/v1/trex.proto. The answer is printed.
 
 Problems come from the command line, or one per line from --file (``-`` for stdin), or
 from stdin when neither is given. Answers are printed one per line in input order, with
@@ -20,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import json_format
 
 from protos.trex.v1 import trex_pb2, trex_pb2_grpc
 
@@ -122,6 +130,33 @@ async def run(
     return failed
 
 
+async def inspect(
+    target: str, problem: str, out: str, summary: bool, timeout_s: float | None
+) -> int:
+    """Inspect ``problem``, write the reply to ``out`` as JSON and print the answer;
+    -> the exit status."""
+    detail = trex_pb2.PROGRAM_DETAIL_SUMMARY if summary else trex_pb2.PROGRAM_DETAIL_FULL
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = trex_pb2_grpc.SolverStub(channel)
+        try:
+            reply = await stub.Inspect(
+                trex_pb2.InspectRequest(problem=problem, program_detail=detail), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            print(f"{problem!r}: {exc.code().name}: {exc.details() or ''}", file=sys.stderr)
+            return 1
+    # every field, zeros and empty lists included, so the file's shape does not depend on
+    # the values; float32 values print as the shortest text that reads back the same float32
+    record = json_format.MessageToDict(
+        reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+        f.write("\n")
+    print(reply.answer, flush=True)
+    return 0
+
+
 def read_problems(args) -> list[str]:
     if args.problems:
         return list(args.problems)
@@ -158,9 +193,23 @@ def parse_args(argv=None):
     ap.add_argument(
         "--stream", action="store_true", help="SolveStream: print tokens as they are emitted"
     )
+    ap.add_argument("--inspect", metavar="PROBLEM", help="Inspect one problem (T-REX only)")
+    ap.add_argument("--out", metavar="FILE.json", help="with --inspect: where to write the reply")
+    ap.add_argument(
+        "--summary",
+        action="store_true",
+        help="with --inspect: statistics per named tensor instead of every program parameter",
+    )
     args = ap.parse_args(argv)
     if args.problems and args.file:
         ap.error("give problems as arguments or with --file, not both")
+    if args.inspect is not None:
+        if args.problems or args.file or args.stream or args.stats:
+            ap.error("--inspect takes one problem and no other problems, --stream or --stats")
+        if not args.out:
+            ap.error("--inspect needs --out FILE.json")
+    elif args.out or args.summary:
+        ap.error("--out and --summary go with --inspect")
     if args.concurrency < 1:
         ap.error("--concurrency must be at least 1")
     return args
@@ -168,6 +217,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.inspect is not None:
+        return asyncio.run(inspect(args.target, args.inspect, args.out, args.summary, args.timeout))
     problems = read_problems(args)
     failed = asyncio.run(
         run(args.target, problems, args.concurrency, args.timeout, args.stats, args.stream)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import pytest
 from protos.trex.v1 import trex_pb2, trex_pb2_grpc
 from service.errors import Unsupported
 from service.runtime import Runtime
-from tests.service.conftest import ServerProcess, expected_tokens, metric, wait_for
+from tests.service.conftest import REPO, ServerProcess, expected_tokens, metric, wait_for
 from tests.service.test_engine import make_engine
 
 PROBLEMS = ["7669+10132=", "9999999999+1=", "0+0=", "1234567890+9876543210=", "05+5="]
@@ -335,3 +337,59 @@ def test_an_export_without_the_embedding_refuses_to_record(model_dir, tmp_path):
             await engine.stop()
 
     assert rt.decode(asyncio.run(scenario()).tokens) == rt.solve(["1+2="])[0]
+
+
+# --- trex-client --inspect ---
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.client", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def test_client_writes_a_replayable_json_file(server, reference, tmp_path):
+    out = tmp_path / "inspect.json"
+    done = run_client("--target", server.target, "--inspect", "7669+10132=", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == reference.solve(["7669+10132="])[0] + "\n"
+
+    record = json.loads(out.read_text())
+    program = record["program"]
+    assert len(program["values"]) == program["size"] == reference.program_size
+    layout = [(t["name"], tuple(t["shape"]), t["offset"], t["size"]) for t in program["layout"]]
+    embedding = np.asarray(record["embedding"]["values"], np.float64)
+    embedding = embedding.reshape(record["embedding"]["shape"])
+    steps = record["steps"]
+    tokens, states = replay(
+        program["values"],
+        layout,
+        embedding,
+        record["start_token_id"],
+        record["vocab"].index("<end>"),
+        len(steps),
+    )
+    assert_replays(tokens, states, [s["token"]["id"] for s in steps], [s["hidden"] for s in steps])
+    assert record["answer"] == done.stdout.strip()
+
+
+def test_client_summary_and_refusals(server, tmp_path):
+    out = tmp_path / "summary.json"
+    args = ("--target", server.target, "--inspect", "1+2=", "--out", str(out))
+    done = run_client(*args, "--summary")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert record["program"]["values"] == []
+    assert [s["name"] for s in record["program"]["summary"]] == [
+        t["name"] for t in record["program"]["layout"]
+    ]
+
+    bad = run_client("--target", server.target, "--inspect", "1+x=", "--out", str(out))
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+    usage = run_client("--target", server.target, "--inspect", "1+2=")
+    assert usage.returncode == 2 and "--inspect needs --out" in usage.stderr
