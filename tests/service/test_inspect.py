@@ -282,9 +282,10 @@ class CountingReads:
         return self.runtime.read_hidden(row)
 
 
-@pytest.fixture(scope="module")
-def runtime(model_dir) -> Runtime:
-    return Runtime(model_dir, provider="cpu", intra_op_threads=1, max_rows=16)
+@pytest.fixture(scope="module", params=["host", "device"])
+def runtime(model_dir, request) -> Runtime:
+    """Both pools: the device pool's reads run on the CPU too (OrtValues in host memory)."""
+    return Runtime(model_dir, provider="cpu", intra_op_threads=1, max_rows=16, pool=request.param)
 
 
 def test_only_the_inspected_row_is_copied_to_the_host(runtime):
