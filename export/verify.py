@@ -229,7 +229,7 @@ def compare(
             want, got = vocab.decode(tokens_t[r].tolist()), rt.decode(tokens_o[r])
             if want == got:
                 continue
-            t = _first_difference(tokens_t[r].tolist(), tokens_o[r].tolist())
+            t = first_difference(tokens_t[r].tolist(), tokens_o[r].tolist())
             top2 = torch.topk(logits_t[r, t], 2).values
             if float(top2[0] - top2[1]) < TIE_TOL:
                 near_ties += 1
@@ -245,8 +245,9 @@ def compare(
         "mismatch_examples": examples,
     }
     log.info(
-        "parity on %d problems: max |logit diff| %.2e (same inputs), program %.2e, hidden %.2e;"
-        " drift of a whole run %.2e (torch float32 vs float64: %s); %d answers differ, %d near ties",
+        "parity on %d problems: max |logit diff| %.2e (same inputs), program %.2e,"
+        " hidden %.2e; drift of a whole run %.2e (torch float32 vs float64: %s);"
+        " %d answers differ, %d near ties",
         len(problems),
         stats["max_logit_diff"],
         stats["max_program_diff"],
@@ -259,7 +260,7 @@ def compare(
     return result
 
 
-def _first_difference(a: list[int], b: list[int]) -> int:
+def first_difference(a: list[int], b: list[int]) -> int:
     """First step where two greedy runs emitted different tokens, up to either's <end>."""
     for t in range(min(len(a), len(b))):
         if a[t] != b[t]:

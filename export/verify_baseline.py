@@ -30,6 +30,7 @@ import onnxruntime as ort
 import torch
 
 from export import evaluate_onnx
+from export.verify import first_difference
 from service.runtime import Runtime
 from training import data, vocab
 from training.baseline import Baseline
@@ -214,7 +215,7 @@ def compare(
             want, got = rt.decode(want_ids), rt.decode(got_ids)
             if want == got:
                 continue
-            t = _first_difference(want_ids, got_ids)
+            t = first_difference(want_ids, got_ids)
             top2 = torch.topk(ref.logits[r, t], 2).values
             if float(top2[0] - top2[1]) < TIE_TOL:
                 near_ties += 1
@@ -240,14 +241,6 @@ def compare(
         near_ties,
     )
     return result
-
-
-def _first_difference(a: list[int], b: list[int]) -> int:
-    """First step where two greedy runs emitted different tokens, up to either's end."""
-    for t in range(min(len(a), len(b))):
-        if a[t] != b[t]:
-            return t
-    return min(len(a), len(b)) - 1
 
 
 def verify(model: Baseline, model_dir: Path, n_problems: int, seed: int = 1234) -> dict:

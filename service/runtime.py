@@ -127,7 +127,9 @@ def read_manifest(model_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelLoadError(f"{path}: missing; is {model_dir} an export folder of trex-export?")
+        raise ModelLoadError(
+            f"{path}: missing; is {model_dir} an export folder of trex-export?"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path}: unreadable or not JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
@@ -589,7 +591,7 @@ class Runtime:
             except KeyError as e:
                 raise ValueError(
                     f"problem {i} {text!r}: character {e.args[0]!r} not in the vocabulary"
-                )
+                ) from None
         return ids
 
     def decode(self, tokens: Sequence[int]) -> str:

@@ -21,14 +21,13 @@ over one position; the export writes it as a prefill graph and a decode graph.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
 from training import vocab
-from training.model import Compiler, place_values
+from training.model import Block, Compiler, place_values
 
 
 @dataclass
@@ -52,39 +51,6 @@ class BaselineConfig:
         return max(self.max_digits, self.max_steps) + 1
 
 
-class CausalBlock(nn.Module):
-    """Pre-norm block whose attention can read cached keys and values."""
-
-    def __init__(self, cfg: BaselineConfig):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model)
-        )
-
-    def forward(self, x, bias, past_k=None, past_v=None):
-        """x (B, L, C); bias (B, h, L, Lpast + L); past_k/v (B, h, Lpast, C/h) or None.
-
-        -> x (B, L, C), k and v of these L positions (B, h, L, C/h)
-        """
-        B, L, C = x.shape
-        h = self.n_heads
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        q = q.view(B, L, h, C // h).transpose(1, 2)  # (B, h, L, C/h)
-        k = k.view(B, L, h, C // h).transpose(1, 2)
-        v = v.view(B, L, h, C // h).transpose(1, 2)
-        keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # (B, h, Lpast+L, C/h)
-        values = v if past_v is None else torch.cat([past_v, v], dim=2)
-        att = q @ keys.transpose(-2, -1) * (1.0 / math.sqrt(C // h)) + bias
-        y = att.softmax(dim=-1) @ values
-        x = x + self.proj(y.transpose(1, 2).reshape(B, L, C))
-        return x + self.mlp(self.ln2(x)), k, v
-
-
 class Baseline(nn.Module):
     def __init__(self, cfg: BaselineConfig):
         super().__init__()
@@ -95,7 +61,7 @@ class Baseline(nn.Module):
         self.role_emb = nn.Embedding(5, cfg.d_model)  # 4 = answer token
         # the same starting bias as the T-REX compiler: same place, one and two places down
         self.rel_bias = nn.Parameter(Compiler._initial_bias(cfg, n_places))
-        self.blocks = nn.ModuleList(CausalBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
 
@@ -120,7 +86,7 @@ class Baseline(nn.Module):
         for layer, block in enumerate(self.blocks):
             bias = self.rel_bias[layer][:, rel].permute(1, 0, 2, 3) + mask.unsqueeze(1)
             pk, pv = past[layer] if past is not None else (None, None)
-            x, k, v = block(x, bias, pk, pv)
+            x, k, v = block.attend(x, bias, pk, pv)
             present.append((k, v))
         return self.ln_f(x), present
 

@@ -125,20 +125,31 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (B, L, C), bias (B, h, L, L) for padding and relative places -> (B, L, C)."""
+        return self.attend(x, bias)[0]
+
+    def attend(self, x, bias, past_k=None, past_v=None):
+        """The block over L new positions that may also read cached ones.
+
+        x (B, L, C); bias (B, h, L, Lpast + L); past_k/v (B, h, Lpast, C/h) or None
+        -> x (B, L, C), and the k and v of the L new positions (B, h, L, C/h)
+        """
         B, L, C = x.shape
         h = self.n_heads
 
-        # attention: bias (B, h, L, L) carries both padding and relative places
+        # attention over the cached keys and the new ones
         q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
         q = q.view(B, L, h, C // h).transpose(1, 2)  # (B, h, L, C/h)
         k = k.view(B, L, h, C // h).transpose(1, 2)
         v = v.view(B, L, h, C // h).transpose(1, 2)
-        att = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(C // h)) + bias
-        y = att.softmax(dim=-1) @ v  # (B, h, L, C/h)
+        keys = k if past_k is None else torch.cat([past_k, k], dim=2)  # (B, h, Lpast+L, C/h)
+        values = v if past_v is None else torch.cat([past_v, v], dim=2)
+        att = q @ keys.transpose(-2, -1) * (1.0 / math.sqrt(C // h)) + bias
+        y = att.softmax(dim=-1) @ values  # (B, h, L, C/h)
         x = x + self.proj(y.transpose(1, 2).reshape(B, L, C))
 
         # feed-forward
-        return x + self.mlp(self.ln2(x))
+        return x + self.mlp(self.ln2(x)), k, v
 
 
 class ProgramHead(nn.Module):
