@@ -372,6 +372,9 @@ def plots(results: dict, out: Path) -> list[Path]:
 def write(results: dict, out: Path) -> str:
     """Write RESULTS.md and the plots into ``out``; -> the Markdown."""
     text = markdown(results)
+    if (out / "PROFILE.md").is_file():
+        # written by hand from a --profile run: where the gRPC server's time goes
+        text += "\nWhere the time goes, gRPC against the engine alone: [PROFILE.md](PROFILE.md).\n"
     (out / "RESULTS.md").write_text(text)
     plots(results, out)
     return text

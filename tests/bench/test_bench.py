@@ -49,7 +49,7 @@ def test_tiny_run_writes_sane_results(exports, tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == set(exports)
-    for label, entry in results["models"].items():
+    for entry in results["models"].values():
         points = entry["grpc"]["points"] + entry["engine"]["points"]
         loops = {(p["mode"], p["loop"]) for p in points}
         assert loops == {
@@ -191,3 +191,32 @@ def test_passes_per_token_from_the_server_counters():
 
 def test_groups_put_ten_digit_operands_apart():
     assert [group_of(d) for d in (1, 3, 4, 9, 10)] == ["1-3", "1-3", "4-6", "7-9", "10"]
+
+
+def test_profile_splits_thread_cpu_by_where_the_samples_were(tmp_path):
+    from bench.profile import SYSCALLS, WAITING, summarise
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "thread (11): MainThread;run (asyncio/base_events.py:600);epoll_wait (libc.so.6) 5\n"
+        "thread (11): MainThread;_run (asyncio/events.py:80);write (libc.so.6) 3\n"
+        "thread (11): MainThread;schedule (service/scheduler.py:200) 1\n"
+        "thread (12): trex-runtime_0;run (onnxruntime/capi/x.py:220);0x7f00 (libc.so.6) 6\n"
+        "thread (12): trex-runtime_0;_worker (concurrent/futures/thread.py:81);"
+        "_queue_SimpleQueue_get_impl (_queuemodule.c);0x7f01 (libc.so.6) 4\n"
+    )
+    before = {11: ("python", 1.0), 12: ("python", 2.0), 13: ("event_engine", 0.0)}
+    after = {11: ("python", 1.4), 12: ("python", 2.6), 13: ("event_engine", 0.1)}
+    s = summarise(raw, before, after)
+
+    threads = {t["name"]: t for t in s["threads"]}
+    assert threads["MainThread"]["cpu_s"] == pytest.approx(0.4)
+    # waiting samples are left out of where the CPU went
+    assert threads["MainThread"]["busy"] == {SYSCALLS: 0.75, "service/scheduler.py": 0.25}
+    assert threads["trex-runtime_0"]["busy"] == {"onnxruntime": 1.0}
+    assert threads["trex-runtime_0"]["samples"] == 10
+    cpu = s["cpu_by_category"]
+    assert cpu["onnxruntime"] == pytest.approx(0.6)
+    assert cpu[SYSCALLS] == pytest.approx(0.3)
+    assert cpu["thread event_engine (not sampled)"] == pytest.approx(0.1)
+    assert WAITING not in cpu
