@@ -7,8 +7,8 @@ Two views, because neither is enough alone:
 
 * /proc/<pid>/task/<tid>/stat: CPU seconds of every OS thread over the profile, named by
   py-spy's thread names (MainThread runs the asyncio loop and the gRPC handlers,
-  trex-runtime_0 the ONNX Runtime calls) or by the kernel's (gRPC's own C++ threads, which
-  py-spy cannot see into).
+  trex-engine the scheduler and the ONNX Runtime calls) or by the kernel's (gRPC's own
+  C++ threads, which py-spy cannot see into).
 * py-spy's samples (``--native``: C and C++ frames too) of the Python threads: for each,
   the share of its samples by where the innermost frame is (self time), and the functions
   most often on the stack (inclusive time).

@@ -17,9 +17,10 @@ answer's first token (``finish_compile`` takes those tokens), and its execute ph
 one decode pass per row. Each of those passes is a transformer forward pass, so with
 ``step_is_forward_pass`` a request counts every step in ``compiler_passes`` too.
 
-This is plain synchronous code with no I/O: service/engine.py calls it from the
-event loop and runs the chosen phase on the model runtime. Time is passed in as
-``now_ns`` (any monotonic clock) so tests drive it without sleeping.
+This is plain synchronous code with no I/O and no locks: service/engine.py calls it
+from its engine thread and from the event loop, holding one lock around every call, and
+runs the chosen phase on the model runtime. Time is passed in as ``now_ns`` (any
+monotonic clock) so tests drive it without sleeping.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import replace
 
 import pytest
@@ -90,25 +91,120 @@ def test_a_failing_problem_does_not_fail_its_batch_mates(runtime, fail_in):
     assert engine.scheduler.active_rows == 0
 
 
+class GatedRuntime:
+    """The real runtime, whose executor steps after the first wait for ``gate``: a test
+    acts while a step is running on the engine thread."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.steps = 0
+        self.in_step = threading.Event()
+        self.gate = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.runtime, name)
+
+    def step(self, rows, tokens):
+        self.steps += 1
+        if self.steps > 1:
+            self.in_step.set()
+            self.gate.wait(30)
+        return self.runtime.step(rows, tokens)
+
+
 def test_release_frees_an_executing_row(runtime):
     async def scenario():
-        engine = make_engine(runtime)
+        gated = GatedRuntime(runtime)
+        engine = make_engine(gated)
         engine.start()
         ticket = engine.submit(LONG)
-        while ticket.request.state in (State.QUEUED, State.COMPILING):
-            await asyncio.sleep(0)  # the engine yields between phases
+        await asyncio.to_thread(gated.in_step.wait, 30)  # its second step is running
         assert ticket.request.state is State.ACTIVE  # compiled, not finished
         engine.release(ticket)
         with pytest.raises(Cancelled):
             await ticket.result()
         rows = engine.scheduler.active_rows
         gauge = engine.metrics.registry.get_sample_value("trex_active_rows")
+        gated.gate.set()  # the step ends; its token for the released row is dropped
         await engine.stop()
-        return rows, gauge, ticket.request
+        return rows, gauge, ticket.request, engine
 
-    rows, gauge, request = run(scenario())
+    rows, gauge, request, engine = run(scenario())
     assert rows == 0 and gauge == 0
     assert request.row is None and request.stop_reason is None
+    assert len(request.tokens) == 1  # the first step's; none from the step it was released in
+    assert engine.scheduler.active_rows == 0
+    assert engine.metrics.registry.get_sample_value("trex_active_rows") == 0
+
+
+class ThreadRecordingRuntime:
+    """The real runtime, noting which thread makes each call and how many overlap."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.threads: set[str] = set()
+        self.inside = 0
+        self.most_inside = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.runtime, name)
+
+    def _call(self, fn, *args):
+        with self._lock:
+            self.threads.add(threading.current_thread().name)
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+    def compile(self, ids, rows):
+        return self._call(self.runtime.compile, ids, rows)
+
+    def step(self, rows, tokens):
+        return self._call(self.runtime.step, rows, tokens)
+
+
+def test_runtime_calls_run_on_the_engine_thread_one_at_a_time(runtime):
+    problems = [f"{i}+{7 * i}=" for i in range(1, 24)] + [LONG]  # more than a batch
+    recording = ThreadRecordingRuntime(runtime)
+
+    async def scenario():
+        engine = make_engine(recording)
+        engine.start()
+        try:
+            return await asyncio.gather(*(engine.solve(p) for p in problems))
+        finally:
+            await engine.stop()
+
+    solved = run(scenario())
+    assert [runtime.decode(r.tokens) for r in solved] == runtime.solve(problems)
+    assert recording.threads == {"trex-engine"}  # not the event loop's thread
+    assert recording.most_inside == 1
+
+
+def test_a_failing_engine_loop_fails_the_requests_in_flight_and_carries_on(runtime):
+    def broken_finish_compile(*args, **kwargs):
+        raise RuntimeError("injected bug in the engine loop")
+
+    async def scenario():
+        engine = make_engine(runtime)
+        first_scheduler = engine.scheduler
+        first_scheduler.finish_compile = broken_finish_compile
+        engine.start()
+        (failed,) = await asyncio.gather(engine.solve("1+2="), return_exceptions=True)
+        solved = await engine.solve("7669+10132=")  # served by a fresh scheduler
+        await engine.stop()
+        return engine, first_scheduler, failed, solved
+
+    engine, first_scheduler, failed, solved = run(scenario())
+    assert isinstance(failed, ExecutionFailed) and "internal error" in str(failed)
+    assert engine.scheduler is not first_scheduler
+    assert runtime.decode(solved.tokens) == runtime.solve(["7669+10132="])[0]
+    assert engine.metrics.registry.get_sample_value("trex_active_rows") == 0
 
 
 def test_stream_of_tokens_matches_the_finished_request(runtime):
