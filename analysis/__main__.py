@@ -1,6 +1,6 @@
 """Run the analysis as a module:
 
-    python -m analysis --checkpoint models/trex.pt --out docs/analysis
+python -m analysis --checkpoint models/trex.pt --out docs/analysis
 """
 
 from analysis.cli import main

@@ -22,8 +22,17 @@ from training import data, vocab
 from training.model import TRex
 
 PLACE_NAMES = (
-    "ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands",
-    "millions", "ten-millions", "hundred-millions", "billions", "ten-billions",
+    "ones",
+    "tens",
+    "hundreds",
+    "thousands",
+    "ten-thousands",
+    "hundred-thousands",
+    "millions",
+    "ten-millions",
+    "hundred-millions",
+    "billions",
+    "ten-billions",
 )
 
 
@@ -130,7 +139,7 @@ def trace(
                 break
         tok_mat = torch.stack(step_tokens, 1).tolist()
         st = torch.stack(step_states, 1).numpy()
-        for row, (toks, s) in enumerate(zip(tok_mat, st)):
+        for toks, s in zip(tok_mat, st):
             n = toks.index(vocab.END_ID) + 1 if vocab.END_ID in toks else len(toks)
             tokens.append(toks[:n])
             states.append(s[:n].copy())

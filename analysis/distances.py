@@ -33,8 +33,9 @@ def distance_matrix(programs: np.ndarray) -> np.ndarray:
     return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").numpy()
 
 
-def pattern_summary(d: np.ndarray, patterns: list[str], rng: np.random.Generator,
-                    permutations: int = 200) -> dict:
+def pattern_summary(
+    d: np.ndarray, patterns: list[str], rng: np.random.Generator, permutations: int = 200
+) -> dict:
     """How much carry patterns explain the distances.
 
     ratio: mean distance between programs whose patterns differ over the mean
@@ -66,12 +67,16 @@ def pattern_summary(d: np.ndarray, patterns: list[str], rng: np.random.Generator
     counts = np.bincount(labels)
     return {
         "mean_distance_same_pattern": float(dist[same].mean()) if same.any() else float("nan"),
-        "mean_distance_different_pattern": float(dist[~same].mean()) if (~same).any() else float("nan"),
+        "mean_distance_different_pattern": float(dist[~same].mean())
+        if (~same).any()
+        else float("nan"),
         "ratio_different_over_same": observed,
         "ratio_permutation_p_value": p_value,
         "permutations": permutations,
         "nn_same_pattern": float((labels[nearest] == labels).mean()) if n > 1 else float("nan"),
-        "nn_same_pattern_chance": float((counts * (counts - 1)).sum() / (n * (n - 1))) if n > 1 else float("nan"),
+        "nn_same_pattern_chance": float((counts * (counts - 1)).sum() / (n * (n - 1)))
+        if n > 1
+        else float("nan"),
     }
 
 
@@ -114,13 +119,16 @@ def run(model: TRex, out: Path, total: int, batch_size: int, seed: int) -> dict:
         w.writerow(["problem", *texts])
         for t, row in zip(texts, d):
             w.writerow([t, *(f"{v:.6g}" for v in row)])
-    common.write_json(out / f"{NAME}.json", {
-        "summary": common.rounded(summary),
-        "problems": [
-            {"problem": t, "carry_pattern": pat, "expected": p.answer, "emitted": g}
-            for t, pat, p, g in zip(texts, patterns, problems, answers)
-        ],
-    })
+    common.write_json(
+        out / f"{NAME}.json",
+        {
+            "summary": common.rounded(summary),
+            "problems": [
+                {"problem": t, "carry_pattern": pat, "expected": p.answer, "emitted": g}
+                for t, pat, p, g in zip(texts, patterns, problems, answers)
+            ],
+        },
+    )
     _plot(out / f"{NAME}.png", d, patterns, total, summary)
     return summary
 
@@ -140,7 +148,9 @@ def _plot(path: Path, d: np.ndarray, patterns: list[str], total: int, s: dict) -
         labels.append(f"{i + 1}: " + patterns[a].replace(", ", ",\n") + f" ({b - a})")
     ax.set_yticks(centres, labels, fontsize=8)
     ax.set_xticks(centres, [str(i + 1) for i in range(len(centres))], fontsize=8)
-    ax.set_xlabel("carry pattern (numbered as on the left); problems within a block by increasing a")
+    ax.set_xlabel(
+        "carry pattern (numbered as on the left); problems within a block by increasing a"
+    )
     ax.set_title(
         f"Programs of all a+b={total}: pairwise distance, grouped by carry pattern\n"
         f"mean distance, patterns differ / match = {s['ratio_different_over_same']:.2f}"

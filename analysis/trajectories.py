@@ -42,8 +42,15 @@ def step_spread(cloud_h0: np.ndarray, cloud_states: list[np.ndarray], steps: int
     return np.array(out)
 
 
-def run(model: TRex, out: Path, texts: list[str], cloud_n: int, threshold: float,
-        batch_size: int, seed: int) -> dict:
+def run(
+    model: TRex,
+    out: Path,
+    texts: list[str],
+    cloud_n: int,
+    threshold: float,
+    batch_size: int,
+    seed: int,
+) -> dict:
     cloud_problems = common.random_problems(random.Random(seed + 1), cloud_n, model.cfg.max_digits)
     cloud = common.trace(model, cloud_problems, batch_size, desc="state cloud")
     problems = [common.parse_problem(t) for t in texts]
@@ -68,33 +75,37 @@ def run(model: TRex, out: Path, texts: list[str], cloud_n: int, threshold: float
         over = np.nonzero(rel >= threshold)[0]
         toks0, toksk = tr.tokens[0], tr.tokens[k]
         differ = [t + 1 for t in range(min(len(toks0), len(toksk))) if toks0[t] != toksk[t]]
-        pairs.append({
-            "problems": [problems[0].text, problems[k].text],
-            "distance_by_step": dist.tolist(),
-            "relative_distance_by_step": rel.tolist(),
-            "divergence_step": int(over[0]) if over.size else None,
-            "max_relative_distance": float(rel.max()),
-            "step_of_max_relative_distance": int(rel.argmax()),
-            "first_step_with_different_tokens": differ[0] if differ else None,
-            "program_distance": prog_dist,
-            "program_distance_relative": prog_dist / program_spread,
-        })
+        pairs.append(
+            {
+                "problems": [problems[0].text, problems[k].text],
+                "distance_by_step": dist.tolist(),
+                "relative_distance_by_step": rel.tolist(),
+                "divergence_step": int(over[0]) if over.size else None,
+                "max_relative_distance": float(rel.max()),
+                "step_of_max_relative_distance": int(rel.argmax()),
+                "first_step_with_different_tokens": differ[0] if differ else None,
+                "program_distance": prog_dist,
+                "program_distance_relative": prog_dist / program_spread,
+            }
+        )
 
     answers = tr.answers()
     trajectories = []
     for p, toks, f, got in zip(problems, tr.tokens, full, answers):
         xy = pca.transform(f)
-        trajectories.append({
-            "problem": p.text,
-            "expected": p.answer,
-            "emitted": got,
-            "correct": got == p.answer,
-            "labels": [common.token_label(t) for t in toks],
-            "h0_2d": xy[0].tolist(),
-            "states_2d": xy[1:].tolist(),
-            "states": f[1:].tolist(),
-            "h0": f[0].tolist(),
-        })
+        trajectories.append(
+            {
+                "problem": p.text,
+                "expected": p.answer,
+                "emitted": got,
+                "correct": got == p.answer,
+                "labels": [common.token_label(t) for t in toks],
+                "h0_2d": xy[0].tolist(),
+                "states_2d": xy[1:].tolist(),
+                "states": f[1:].tolist(),
+                "h0": f[0].tolist(),
+            }
+        )
     summary = {
         "problems": [p.text for p in problems],
         "program_spread": float(program_spread),
@@ -106,14 +117,19 @@ def run(model: TRex, out: Path, texts: list[str], cloud_n: int, threshold: float
         "spread_by_step": spread.tolist(),
         "trajectory_lengths": [len(t["labels"]) for t in trajectories],
         "all_correct": all(t["correct"] for t in trajectories),
-        "trajectories": [{k: t[k] for k in ("problem", "expected", "emitted", "correct", "labels")}
-                         for t in trajectories],
+        "trajectories": [
+            {k: t[k] for k in ("problem", "expected", "emitted", "correct", "labels")}
+            for t in trajectories
+        ],
         "pairs": pairs,
     }
-    common.write_json(out / f"{NAME}.json", {
-        "summary": common.rounded(summary),
-        "trajectories": common.rounded(trajectories, 5),
-    })
+    common.write_json(
+        out / f"{NAME}.json",
+        {
+            "summary": common.rounded(summary),
+            "trajectories": common.rounded(trajectories, 5),
+        },
+    )
     cloud_xy = pca.transform(cloud_x)
     with open(out / "hidden_cloud.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -126,8 +142,9 @@ def run(model: TRex, out: Path, texts: list[str], cloud_n: int, threshold: float
 
 def _plot(path: Path, cloud_xy, cloud_step, trajectories: list[dict], s: dict) -> None:
     fig, ax = plt.subplots(figsize=(10, 8.5))
-    sc = ax.scatter(cloud_xy[:, 0], cloud_xy[:, 1], c=cloud_step, cmap="viridis", s=6,
-                    alpha=0.45, lw=0)
+    sc = ax.scatter(
+        cloud_xy[:, 0], cloud_xy[:, 1], c=cloud_step, cmap="viridis", s=6, alpha=0.45, lw=0
+    )
     cb = fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="step (background cloud)")
     cb.solids.set_alpha(1)
     colours = ["crimson", "black", "darkorange", "magenta"]
@@ -136,24 +153,50 @@ def _plot(path: Path, cloud_xy, cloud_step, trajectories: list[dict], s: dict) -
         colour = colours[i % len(colours)]
         pts = np.array([t["h0_2d"], *t["states_2d"]])
         ax.plot(pts[:, 0], pts[:, 1], "-", color=colour, lw=1.5, alpha=0.8)
-        ax.plot(pts[1:, 0], pts[1:, 1], "o", color=colour, ms=6,
-                label=f"{t['problem']} → {t['emitted'] or '∅'}" + ("" if t["correct"] else " (wrong)"))
+        ax.plot(
+            pts[1:, 0],
+            pts[1:, 1],
+            "o",
+            color=colour,
+            ms=6,
+            label=f"{t['problem']} → {t['emitted'] or '∅'}" + ("" if t["correct"] else " (wrong)"),
+        )
         ax.plot(*pts[0], "*", color=colour, ms=14, mec="k")
         dx, dy = offsets[i % len(offsets)]
-        ax.annotate("h0", pts[0], xytext=(-30, -4 - 14 * (i % len(offsets))),
-                    textcoords="offset points", color=colour, fontsize=9)
+        ax.annotate(
+            "h0",
+            pts[0],
+            xytext=(-30, -4 - 14 * (i % len(offsets))),
+            textcoords="offset points",
+            color=colour,
+            fontsize=9,
+        )
         for (x, y), label in zip(pts[1:], t["labels"]):
-            ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points",
-                        color=colour, fontsize=11, fontweight="bold")
+            ax.annotate(
+                label,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                color=colour,
+                fontsize=11,
+                fontweight="bold",
+            )
     ev = s["pca_explained_variance"]
-    title = (f"Executor hidden states: {s['cloud_states']} states of {s['cloud_problems']} random "
-             f"problems (PCA, {100 * sum(ev):.0f}% of variance)")
+    title = (
+        f"Executor hidden states: {s['cloud_states']} states of {s['cloud_problems']} random "
+        f"problems (PCA, {100 * sum(ev):.0f}% of variance)"
+    )
     for p in s["pairs"]:
         step = p["divergence_step"]
-        reach = (f"relative distance ≥ {s['threshold']} from step {step}" if step is not None
-                 else f"relative distance never reaches {s['threshold']}")
-        title += (f"\n{p['problems'][0]} vs {p['problems'][1]}: {reach}; "
-                  f"max {p['max_relative_distance']:.2f} at step {p['step_of_max_relative_distance']}")
+        reach = (
+            f"relative distance ≥ {s['threshold']} from step {step}"
+            if step is not None
+            else f"relative distance never reaches {s['threshold']}"
+        )
+        title += (
+            f"\n{p['problems'][0]} vs {p['problems'][1]}: {reach}; "
+            f"max {p['max_relative_distance']:.2f} at step {p['step_of_max_relative_distance']}"
+        )
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")

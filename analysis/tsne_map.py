@@ -54,12 +54,14 @@ def knn_purity(points: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, f
 
 
 def tsne(x: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
-    return TSNE(n_components=2, perplexity=perplexity, init="pca",
-                random_state=seed).fit_transform(x)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        x
+    )
 
 
-def run(model: TRex, out: Path, n: int, perplexity: float, k: int, batch_size: int,
-        seed: int) -> dict:
+def run(
+    model: TRex, out: Path, n: int, perplexity: float, k: int, batch_size: int, seed: int
+) -> dict:
     problems = common.random_problems(random.Random(seed), n, model.cfg.max_digits)
     tr = common.trace(model, problems, batch_size, desc="random problems")
     ints = [(int(p.a), int(p.b)) for p in problems]
@@ -82,16 +84,28 @@ def run(model: TRex, out: Path, n: int, perplexity: float, k: int, batch_size: i
     for key in attrs:
         in_map, chance = knn_purity(xy, discrete[key], k)
         in_space, _ = knn_purity(reduced, discrete[key], k)
-        purity[key] = {"map": in_map, "program_space": in_space, "chance": chance,
-                       "map_over_chance": in_map / chance if chance else float("nan")}
+        purity[key] = {
+            "map": in_map,
+            "program_space": in_space,
+            "chance": chance,
+            "map_over_chance": in_map / chance if chance else float("nan"),
+        }
 
     answers = tr.answers()
     with open(out / f"{NAME}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["problem", "expected", "emitted", *attrs, "x", "y"])
         for i, p in enumerate(problems):
-            w.writerow([p.text, p.answer, answers[i], *(attrs[a][i] for a in attrs),
-                        f"{xy[i, 0]:.4f}", f"{xy[i, 1]:.4f}"])
+            w.writerow(
+                [
+                    p.text,
+                    p.answer,
+                    answers[i],
+                    *(attrs[a][i] for a in attrs),
+                    f"{xy[i, 0]:.4f}",
+                    f"{xy[i, 1]:.4f}",
+                ]
+            )
 
     summary = {
         "problems": len(problems),
@@ -123,9 +137,11 @@ def _plot(path: Path, xy: np.ndarray, attrs: dict, purity: dict) -> None:
         if is_int and len(vals) <= 12:
             cb.set_ticks(vals)
         p = purity[key]
-        ax.set_title(f"{ATTRIBUTES[key]}\nkNN purity {p['map']:.2f} in map, "
-                     f"{p['program_space']:.2f} in program space (chance {p['chance']:.2f})",
-                     fontsize=9)
+        ax.set_title(
+            f"{ATTRIBUTES[key]}\nkNN purity {p['map']:.2f} in map, "
+            f"{p['program_space']:.2f} in program space (chance {p['chance']:.2f})",
+            fontsize=9,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("t-SNE of generated programs of random problems", fontsize=12)

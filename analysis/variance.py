@@ -40,8 +40,9 @@ def pattern_entropy(patterns: list) -> float:
     return float(-(q * np.log2(q)).sum())
 
 
-def run(model: TRex, out: Path, lo: int, hi: int, n_sums: int, per_sum: int,
-        batch_size: int, seed: int) -> dict:
+def run(
+    model: TRex, out: Path, lo: int, hi: int, n_sums: int, per_sum: int, batch_size: int, seed: int
+) -> dict:
     rng = np.random.default_rng(seed)
     layout = ProgramLayout(model.cfg)
     rows = []
@@ -81,7 +82,9 @@ def run(model: TRex, out: Path, lo: int, hi: int, n_sums: int, per_sum: int,
     var = np.array([r["variance"] for r in rows])
     ratio = np.array([r["ratio"] for r in rows])
     part_share = {
-        name: float(np.mean([r[f"variance_{name}"] / r["variance"] for r in rows if r["variance"] > 0]))
+        name: float(
+            np.mean([r[f"variance_{name}"] / r["variance"] for r in rows if r["variance"] > 0])
+        )
         for name in layout.offsets
     }
     summary = {
@@ -97,10 +100,12 @@ def run(model: TRex, out: Path, lo: int, hi: int, n_sums: int, per_sum: int,
         "sums_with_ratio_below_1": int((ratio < 1).sum()),
         "spearman_variance_vs_sum": common.spearman(var, sums),
         "spearman_variance_vs_carry_pattern_entropy": common.spearman(
-            var, [r["carry_pattern_entropy_bits"] for r in rows]),
+            var, [r["carry_pattern_entropy_bits"] for r in rows]
+        ),
         "mean_share_of_variance_by_part": part_share,
-        "accuracy": float(np.average([r["accuracy"] for r in rows],
-                                     weights=[r["problems"] for r in rows])),
+        "accuracy": float(
+            np.average([r["accuracy"] for r in rows], weights=[r["problems"] for r in rows])
+        ),
     }
     _plot(out / f"{NAME}.png", rows, summary)
     return summary
@@ -108,16 +113,33 @@ def run(model: TRex, out: Path, lo: int, hi: int, n_sums: int, per_sum: int,
 
 def _plot(path: Path, rows: list[dict], s: dict) -> None:
     sums = [r["sum"] for r in rows]
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
-                                  gridspec_kw={"height_ratios": [2, 1]})
-    ax.plot(sums, [r["variance"] for r in rows], "-", color="C0", lw=1,
-            label="a+b = S (equal sum)")
-    sc = ax.scatter(sums, [r["variance"] for r in rows],
-                    c=[r["carry_pattern_entropy_bits"] for r in rows], cmap="viridis", s=28, zorder=3)
-    fig.colorbar(sc, ax=[ax, ax2], fraction=0.03, pad=0.02,
-                 label="entropy of the carry patterns in the set (bits)")
-    ax.plot(sums, [r["shuffled_variance"] for r in rows], "s--", ms=3, color="grey",
-            label="same a's and b's, b shuffled (sums differ)")
+    fig, (ax, ax2) = plt.subplots(
+        2, 1, figsize=(9, 7), sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+    )
+    ax.plot(sums, [r["variance"] for r in rows], "-", color="C0", lw=1, label="a+b = S (equal sum)")
+    sc = ax.scatter(
+        sums,
+        [r["variance"] for r in rows],
+        c=[r["carry_pattern_entropy_bits"] for r in rows],
+        cmap="viridis",
+        s=28,
+        zorder=3,
+    )
+    fig.colorbar(
+        sc,
+        ax=[ax, ax2],
+        fraction=0.03,
+        pad=0.02,
+        label="entropy of the carry patterns in the set (bits)",
+    )
+    ax.plot(
+        sums,
+        [r["shuffled_variance"] for r in rows],
+        "s--",
+        ms=3,
+        color="grey",
+        label="same a's and b's, b shuffled (sums differ)",
+    )
     ax.set_xscale("log")
     ax.set_ylabel("total variance of the programs")
     ax.legend(fontsize=9)

@@ -22,8 +22,19 @@ from training.model import ModelConfig, ProgramLayout, TRex
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "trex.pt"
 FIGURES = ["program_distances", "sum_variance", "program_tsne", "hidden_trajectories"]
-TINY = ["--quick", "--n-sums", "3", "--per-sum", "16", "--tsne-n", "60", "--cloud-n", "20",
-        "--threads", "1"]
+TINY = [
+    "--quick",
+    "--n-sums",
+    "3",
+    "--per-sum",
+    "16",
+    "--tsne-n",
+    "60",
+    "--cloud-n",
+    "20",
+    "--threads",
+    "1",
+]
 TOTAL = 123
 
 
@@ -38,10 +49,36 @@ def tiny_model(path: Path) -> Path:
 def briefly_trained_model(path: Path) -> Path:
     """The same small model after 120 training steps (a few seconds): wrong answers,
     but runs that end with <end> after a varying number of digits."""
-    train.main(["--out", str(path), "--steps", "120", "--eval-every", "120", "--seed", "1",
-                "--d-model", "32", "--n-layers", "2", "--d-ff", "64", "--hidden", "24",
-                "--embed", "8", "--batch-size", "64", "--eval-problems", "50", "--threads", "1",
-                "--warmup", "10"])
+    train.main(
+        [
+            "--out",
+            str(path),
+            "--steps",
+            "120",
+            "--eval-every",
+            "120",
+            "--seed",
+            "1",
+            "--d-model",
+            "32",
+            "--n-layers",
+            "2",
+            "--d-ff",
+            "64",
+            "--hidden",
+            "24",
+            "--embed",
+            "8",
+            "--batch-size",
+            "64",
+            "--eval-problems",
+            "50",
+            "--threads",
+            "1",
+            "--warmup",
+            "10",
+        ]
+    )
     return path
 
 
@@ -50,17 +87,25 @@ def trained_ckpt(tmp_path_factory) -> Path:
     return briefly_trained_model(tmp_path_factory.mktemp("trained") / "trained.pt")
 
 
-@pytest.fixture(scope="module", params=[
-    "random",
-    "trained",
-    pytest.param("shipped", marks=pytest.mark.skipif(not SHIPPED.exists(),
-                                                     reason="models/trex.pt not present")),
-])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "random",
+        "trained",
+        pytest.param(
+            "shipped",
+            marks=pytest.mark.skipif(not SHIPPED.exists(), reason="models/trex.pt not present"),
+        ),
+    ],
+)
 def run(request, tmp_path_factory, trained_ckpt):
     """(checkpoint path, output folder) after one tiny analysis run."""
     tmp = tmp_path_factory.mktemp(request.param)
-    ckpt = {"random": lambda: tiny_model(tmp / "tiny.pt"), "trained": lambda: trained_ckpt,
-            "shipped": lambda: SHIPPED}[request.param]()
+    ckpt = {
+        "random": lambda: tiny_model(tmp / "tiny.pt"),
+        "trained": lambda: trained_ckpt,
+        "shipped": lambda: SHIPPED,
+    }[request.param]()
     out = tmp / "analysis"
     assert cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--sum", str(TOTAL), *TINY]) == 0
     return ckpt, out
@@ -80,9 +125,16 @@ def test_every_figure_and_its_numbers_are_written(run):
     for name in FIGURES:
         png = (out / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000, name
-    for name in ["program_distances.csv", "program_distances.json", "sum_variance.csv",
-                 "program_tsne.csv", "hidden_trajectories.json", "hidden_cloud.csv",
-                 "summary.json", "README.md"]:
+    for name in [
+        "program_distances.csv",
+        "program_distances.json",
+        "sum_variance.csv",
+        "program_tsne.csv",
+        "hidden_trajectories.json",
+        "hidden_cloud.csv",
+        "summary.json",
+        "README.md",
+    ]:
         assert (out / name).stat().st_size > 0, name
     report = (out / "README.md").read_text()
     for i, name in enumerate(FIGURES, 1):
@@ -117,10 +169,14 @@ def test_distance_matrix_is_symmetric_zero_on_diagonal_and_matches_the_programs(
     assert by_text["60+63="] == "tens→hundreds"
     assert by_text["99+24="] == "ones→tens, tens→hundreds"
 
-    swapped = [d[texts.index(f"{a}+{TOTAL - a}="), texts.index(f"{TOTAL - a}+{a}=")]
-               for a in range(n) if a < TOTAL - a]
-    assert info["summary"]["mean_distance_swapped_operands"] == pytest.approx(np.mean(swapped),
-                                                                              rel=1e-3)
+    swapped = [
+        d[texts.index(f"{a}+{TOTAL - a}="), texts.index(f"{TOTAL - a}+{a}=")]
+        for a in range(n)
+        if a < TOTAL - a
+    ]
+    assert info["summary"]["mean_distance_swapped_operands"] == pytest.approx(
+        np.mean(swapped), rel=1e-3
+    )
 
     # an entry is the distance between the two programs the model writes
     model, _ = checkpoint.load(ckpt)
@@ -155,7 +211,8 @@ def test_trajectories_are_as_long_as_the_answers(run):
     first, second = (np.array(t["states"]) for t in trajectories)
     n = min(len(first), len(second))
     assert pair["distance_by_step"][1:] == pytest.approx(
-        np.linalg.norm(first[:n] - second[:n], axis=1).tolist(), rel=1e-3, abs=1e-4)
+        np.linalg.norm(first[:n] - second[:n], axis=1).tolist(), rel=1e-3, abs=1e-4
+    )
     with torch.no_grad():
         prog = model.compiler(data.encode_problems(pair["problems"])).double()
     assert pair["program_distance"] == pytest.approx(float(torch.dist(prog[0], prog[1])), rel=1e-3)
