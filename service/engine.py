@@ -85,7 +85,10 @@ class Ticket:
     def __init__(self, request: Request, record: bool = False):
         self.request = request
         self.trace: Trace | None = Trace() if record else None  # filled by the engine
-        self._tokens: asyncio.Queue[int | None] = asyncio.Queue()  # ids, then None at the end
+        # NOTE: a list and an event rather than an asyncio.Queue: most callers never read
+        # the tokens one by one (Solve), and this is cheaper on the loop per token
+        self._tokens: list[int] = []  # ids delivered so far, in emission order
+        self._progress = asyncio.Event()  # set on each new token and at the end
         self._done = asyncio.Event()
 
     @property
@@ -101,16 +104,25 @@ class Ticket:
 
     async def tokens(self) -> AsyncIterator[int]:
         """Each token id as soon as the executor emits it; raises the request's error, if any."""
-        while (token := await self._tokens.get()) is not None:
-            yield token
+        sent = 0
+        while True:
+            if sent < len(self._tokens):
+                sent += 1
+                yield self._tokens[sent - 1]
+            elif self._done.is_set():
+                break
+            else:
+                self._progress.clear()
+                await self._progress.wait()
         await self.result()
 
     def _emit(self, token: int) -> None:
-        self._tokens.put_nowait(token)
+        self._tokens.append(token)
+        self._progress.set()
 
     def _finish(self) -> None:
-        self._tokens.put_nowait(None)
         self._done.set()
+        self._progress.set()
 
 
 @dataclass
@@ -146,6 +158,10 @@ class Engine:
         self._tickets: dict[int, Ticket] = {}  # request id -> ticket, until handed to the loop
         self._recorded: set[int] = set()  # ids of the tickets in flight with a trace
         self._wakeup = threading.Event()  # an arrival, a drain or stop: schedule again
+        # phases' results not yet handed out on the loop, and whether a call to hand them
+        # out is already queued there (under the lock)
+        self._outbox: list[tuple[Delivery, list[Ticket]]] = []
+        self._outbox_queued = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exited: asyncio.Future | None = None  # set on the loop when the thread ends
@@ -198,6 +214,7 @@ class Engine:
             # the thread's last deliveries were queued before this, so they have run
             await self._exited
             self._thread.join()
+        self._empty_outbox()  # NOTE: empty already, unless the loop refused a call
         with self._lock:
             now_ns = time.monotonic_ns()
             for ticket in list(self._tickets.values()):
@@ -309,7 +326,7 @@ class Engine:
             if isinstance(phase, Idle):
                 self._update_gauges()
         if expired:
-            self._post(self._deliver, [], expired)
+            self._send([], expired)
 
         if isinstance(phase, Idle):
             self._log_summary(now_ns)
@@ -358,7 +375,7 @@ class Engine:
             self._update_gauges()
             self._summary.compile_batches += 1
             self._summary.compiled += len(phase.requests)
-        self._post(self._deliver, emitted, finished)
+        self._send(emitted, finished)
         self.metrics.observe_compile(len(phase.requests), len(received))
 
     def _compile_rows(self, problems: list[str], rows: list[int]):
@@ -401,7 +418,7 @@ class Engine:
             self._update_gauges()
             self._summary.execute_batches += 1
             self._summary.stepped += len(phase.requests)
-        self._post(self._deliver, emitted, finished)
+        self._send(emitted, finished)
         # the baseline's decode passes are transformer forward passes, one per row stepped
         passes = len(phase.requests) if self.config.step_is_forward_pass else 0
         self.metrics.observe_execute(len(phase.requests), len(stepped), passes)
@@ -452,6 +469,28 @@ class Engine:
         """-> (program or None, hidden state) of each row, host copies."""
         rt = self.runtime
         return [(rt.read_program(r) if with_program else None, rt.read_hidden(r)) for r in rows]
+
+    def _send(self, emitted: Delivery, finished: list[Ticket]) -> None:
+        """Hand a phase's results to the loop; from the engine thread.
+
+        One call on the loop hands out the results of every phase finished since it was
+        queued: while the loop is busy, later phases add to the outbox and cost the engine
+        thread neither a wake-up write nor the GIL hand-over that follows it.
+        """
+        with self._lock:
+            self._outbox.append((emitted, finished))
+            if self._outbox_queued:
+                return
+            self._outbox_queued = True
+        self._post(self._empty_outbox)
+
+    def _empty_outbox(self) -> None:
+        """On the loop: deliver what the engine thread sent, oldest phase first."""
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+            self._outbox_queued = False
+        for emitted, finished in outbox:
+            self._deliver(emitted, finished)
 
     def _post(self, callback: Callable, *args) -> None:
         """Run ``callback(*args)`` on the event loop, soon; from the engine thread."""
@@ -520,7 +559,7 @@ class Engine:
             if draining:
                 self.scheduler.drain()
             self._update_gauges()
-        self._post(self._deliver, [], tickets)
+        self._send([], tickets)
 
     def _log_summary(self, now_ns: int) -> None:
         with self._lock:

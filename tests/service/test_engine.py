@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -217,6 +218,26 @@ def test_stream_of_tokens_matches_the_finished_request(runtime):
         return streamed, ticket.request
 
     streamed, request = run(scenario())
+    assert streamed == request.tokens
+    assert runtime.decode(streamed) == runtime.solve([LONG])[0]
+
+
+def test_phases_finished_while_the_loop_is_busy_arrive_together_and_in_order(runtime):
+    async def scenario():
+        engine = make_engine(runtime)
+        engine.start()
+        ticket = engine.submit(LONG)
+        # keep the loop busy (no await) until the engine thread has finished the answer
+        while not ticket.request.done:
+            time.sleep(0.001)
+        with engine._lock:
+            waiting = len(engine._outbox)  # phases whose results wait for the loop
+        streamed = [token async for token in ticket.tokens()]
+        await engine.stop()
+        return waiting, streamed, ticket.request
+
+    waiting, streamed, request = run(scenario())
+    assert waiting == len(request.tokens) + 1  # the compile phase and one per step
     assert streamed == request.tokens
     assert runtime.decode(streamed) == runtime.solve([LONG])[0]
 
