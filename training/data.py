@@ -111,12 +111,23 @@ def sample_problem(
     max_digits: int = 10,
     p_leading_zeros: float = 0.05,
     p_carry_heavy: float = 0.25,
+    p_all_carry: float = 0.0,
 ) -> Problem:
     """One problem; each operand's length is uniform over 1..max_digits, so short
-    and long problems are equally common."""
+    and long problems are equally common.
+
+    With probability ``p_all_carry`` every digit is drawn from 5 to 9, so every
+    place where both operands have a digit makes a carry (``9999+9999=``); the
+    chains that ``p_carry_heavy`` builds propagate a carry instead. At 0 the
+    stream of problems is exactly that of a generator without the option.
+    """
     la, lb = rng.randint(1, max_digits), rng.randint(1, max_digits)
-    p_chain = rng.choice((0.5, 0.8, 0.95)) if rng.random() < p_carry_heavy else 0.0
-    a, b = _pair_digits(rng, la, lb, p_chain)
+    if p_all_carry and rng.random() < p_all_carry:
+        a = [rng.randrange(5, 10) for _ in range(la)]
+        b = [rng.randrange(5, 10) for _ in range(lb)]
+    else:
+        p_chain = rng.choice((0.5, 0.8, 0.95)) if rng.random() < p_carry_heavy else 0.0
+        a, b = _pair_digits(rng, la, lb, p_chain)
     za = rng.random() < p_leading_zeros
     zb = rng.random() < p_leading_zeros
     return Problem(
@@ -125,11 +136,13 @@ def sample_problem(
     )
 
 
-def training_problems(rng: random.Random, n: int, max_digits: int = 10) -> list[Problem]:
+def training_problems(
+    rng: random.Random, n: int, max_digits: int = 10, p_all_carry: float = 0.0
+) -> list[Problem]:
     """``n`` fresh training problems, none of them held out."""
     out = []
     while len(out) < n:
-        p = sample_problem(rng, max_digits)
+        p = sample_problem(rng, max_digits, p_all_carry=p_all_carry)
         if not is_held_out(p.text):
             out.append(p)
     return out

@@ -29,14 +29,14 @@ from training.evaluate import evaluate
 from training.model import ModelConfig, TRex
 
 
-def get_batch(rng: random.Random, batch_size: int, cfg, device):
+def get_batch(rng: random.Random, batch_size: int, cfg, device, p_all_carry: float = 0.0):
     """Problems, the model's teacher-forced inputs and its targets.
 
     T-REX: the executor's inputs start with <start>. The baseline reads the
     answer so far (reversed digits, no <start>: it predicts the first digit at
     the '=') and predicts one more token than it reads.
     """
-    problems = data.training_problems(rng, batch_size, cfg.max_digits)
+    problems = data.training_problems(rng, batch_size, cfg.max_digits, p_all_carry)
     ids = data.encode_problems([p.text for p in problems])
     if isinstance(cfg, BaselineConfig):
         answers = [reversed_answer(p.answer) for p in problems]
@@ -75,6 +75,12 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--p-all-carry",
+        type=float,
+        default=0.0,
+        help="share of problems whose every place carries (digits 5-9), e.g. 9999+9999",
+    )
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-problems", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -141,7 +147,7 @@ def main(argv=None) -> None:
         # one optimisation step
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        ids, inputs, targets = get_batch(rng, args.batch_size, cfg, device)
+        ids, inputs, targets = get_batch(rng, args.batch_size, cfg, device, args.p_all_carry)
         loss = loss_fn(train_model(ids, inputs), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
