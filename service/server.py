@@ -10,6 +10,8 @@ while the models load and a warm-up batch runs; then health turns SERVING.
 The model is T-REX or the token-by-token baseline, as the export's manifest says
 (--model-kind refuses an export of the other kind); the same scheduler and metrics serve
 both (service/engine.py says how the baseline's passes are counted).
+The handlers run on uvloop where it is installed (--event-loop), and the model on the
+engine's own thread (service/engine.py).
 SIGTERM or SIGINT: health turns NOT_SERVING, new calls are refused, calls already held get
 up to --grace-period-s to finish, then the process exits with status 0.
 """
@@ -52,6 +54,7 @@ from service.scheduler import Request, SchedulerConfig, StopReason
 log = logging.getLogger(__name__)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 SERVICE_NAME = trex_pb2.DESCRIPTOR.services_by_name["Solver"].full_name  # "trex.v1.Solver"
 
 # The one table from errors to gRPC status codes; anything else is INTERNAL.
@@ -98,6 +101,10 @@ class ServerConfig:
     max_queue: int = 1024
     step_limit: int = 0  # 0: the model's own max_steps
     grace_period_s: float = 10.0
+    # how often a thread that holds the GIL is made to hand it over (sys.setswitchinterval);
+    # Python's 5 ms left the engine thread waiting for the event loop (bench/results)
+    switch_interval_ms: float = 0.5
+    event_loop: str = "auto"  # "uvloop", "asyncio", or "auto": uvloop where installed
     log_level: str = "INFO"
 
 
@@ -374,6 +381,9 @@ class TrexServer:
             end_id=runtime.end_id,
             step_is_forward_pass=runtime.kind == "baseline",
         )
+        # NOTE: process-wide; the engine thread waits up to this long for the GIL after each
+        # runtime call while the event loop thread runs Python
+        sys.setswitchinterval(cfg.switch_interval_ms / 1000)
         engine = Engine(runtime, scheduler_config, self.metrics)
         await engine.warm_up()
         engine.start()
@@ -466,6 +476,9 @@ def parse_args(argv=None) -> ServerConfig:
         "max_queue": "problems waiting to be compiled; beyond it calls get RESOURCE_EXHAUSTED",
         "step_limit": "tokens per problem; 0: the model's max_steps (the baseline's most)",
         "grace_period_s": "on SIGTERM, time given to calls in flight",
+        "switch_interval_ms": "the GIL switch interval, process-wide: how long the engine "
+        "thread can wait for the event loop to hand the GIL over",
+        "event_loop": "the gRPC handlers' event loop; auto: uvloop where installed",
         "log_level": "DEBUG logs every request",
     }
     ap = argparse.ArgumentParser(
@@ -481,6 +494,7 @@ def parse_args(argv=None) -> ServerConfig:
             "provider": PROVIDERS,
             "log_level": LOG_LEVELS,
             "model_kind": ("any", *KINDS),
+            "event_loop": EVENT_LOOPS,
         }.get(f.name)
         ap.add_argument(
             "--" + f.name.replace("_", "-"),
@@ -500,7 +514,27 @@ def parse_args(argv=None) -> ServerConfig:
     for name in never_negative:
         if getattr(config, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must not be negative")
+    if config.switch_interval_ms <= 0:
+        ap.error("--switch-interval-ms must be positive")
+    if config.event_loop == "uvloop" and event_loop_runner("uvloop") is None:
+        ap.error("--event-loop uvloop: uvloop is not installed")
     return config
+
+
+def event_loop_runner(choice: str):
+    """-> the ``run(coroutine)`` of the chosen event loop, or None for asyncio's own.
+
+    uvloop where chosen or, with "auto", where installed: it runs the gRPC handlers' loop
+    with less of the GIL per call than asyncio's, which leaves more of it to the engine
+    thread (bench/results/PROFILE.md). None also where "uvloop" is chosen but not there.
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.run
 
 
 def main(argv=None) -> int:
@@ -514,7 +548,9 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     # NOTE: process-wide; the *_created series double the exposition and no dashboard reads them
     disable_created_metrics()
-    return asyncio.run(serve(config))
+    run = event_loop_runner(config.event_loop) or asyncio.run
+    log.info("event loop: %s", run.__module__)
+    return run(serve(config))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from protos.trex.v1 import trex_pb2, trex_pb2_grpc
-from service.server import ServerConfig, TrexServer, parse_args
+from service.server import ServerConfig, TrexServer, event_loop_runner, parse_args
 from tests.service.conftest import REPO, chosen_model_dir, expected_tokens, metric, wait_for
 from training.data import Problem, held_out_set
 
@@ -53,6 +53,20 @@ def test_solve_returns_the_answer_and_its_figures(server, reference):
     assert response.compile_time.ToNanoseconds() > 0
     assert response.execute_time.ToNanoseconds() > 0
     assert response.queue_time.ToNanoseconds() >= 0
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_either_event_loop_serves_solve_and_streams(start_server, reference, event_loop):
+    if event_loop == "uvloop":
+        pytest.importorskip("uvloop")
+    server = start_server(event_loop=event_loop, switch_interval_ms=5)
+    stub = solver(server)
+    response = stub.Solve(solve_request("7669+10132="), timeout=30)
+    assert list(response.tokens) == expected_tokens(reference, "7669+10132=")
+    messages = list(stub.SolveStream(solve_request("999+1="), timeout=30))
+    streamed = [m.token.text for m in messages if m.HasField("token")]
+    assert streamed == expected_tokens(reference, "999+1=")
+    assert f"event loop: {'uvloop' if event_loop == 'uvloop' else 'asyncio'}" in server.log()
 
 
 def test_solve_stream_sends_each_token_then_the_result(server, reference):
@@ -439,6 +453,25 @@ def test_bad_env_value_is_a_usage_error(monkeypatch, capsys):
         parse_args([])
     assert usage.value.code == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_event_loop_auto_is_uvloop_where_installed_else_asyncio():
+    assert event_loop_runner("asyncio") is None
+    try:
+        import uvloop
+    except ImportError:
+        assert event_loop_runner("auto") is None
+    else:
+        assert event_loop_runner("auto") is uvloop.run
+        assert event_loop_runner("uvloop") is uvloop.run
+
+
+def test_switch_interval_must_be_positive(capsys):
+    assert parse_args(["--switch-interval-ms", "1.5"]).switch_interval_ms == 1.5
+    with pytest.raises(SystemExit) as usage:
+        parse_args(["--switch-interval-ms", "0"])
+    assert usage.value.code == 2
+    assert "--switch-interval-ms must be positive" in capsys.readouterr().err
 
 
 def test_out_of_range_knob_is_a_usage_error(capsys):
