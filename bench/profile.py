@@ -39,6 +39,8 @@ WAITING = "waiting (epoll, locks, queues, the GIL)"
 SYSCALLS = "syscalls: socket I/O, thread wake-ups"
 _WAITS = {
     "epoll_wait",
+    "epoll_pwait",  # libuv's (uvloop)
+    "epoll_pwait2",
     "syscall",
     "pthread_cond_wait",
     "pthread_cond_timedwait",

@@ -198,7 +198,8 @@ def test_profile_splits_thread_cpu_by_where_the_samples_were(tmp_path):
 
     raw = tmp_path / "raw.txt"
     raw.write_text(
-        "thread (11): MainThread;run (asyncio/base_events.py:600);epoll_wait (libc.so.6) 5\n"
+        "thread (11): MainThread;run (asyncio/base_events.py:600);epoll_wait (libc.so.6) 4\n"
+        "thread (11): MainThread;uv__io_poll (linux.c:1546);epoll_pwait (libc.so.6) 1\n"
         "thread (11): MainThread;_run (asyncio/events.py:80);write (libc.so.6) 3\n"
         "thread (11): MainThread;schedule (service/scheduler.py:200) 1\n"
         "thread (12): trex-runtime_0;run (onnxruntime/capi/x.py:220);0x7f00 (libc.so.6) 6\n"
