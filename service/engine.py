@@ -4,7 +4,7 @@ the asyncio event loop wait for answers.
 
 Why a thread of its own: when the next phase was chosen and launched from the event loop, it
 waited behind every gRPC callback queued there, and the runtime thread idled between phases
-(bench/results/PROFILE.md: busy 42% of a core under gRPC against 76% in-process). The engine
+(bench/results/PROFILE.md: T-REX's busy 62% of a core under gRPC, 87% in-process). The engine
 thread ("trex-engine") goes from one phase to the next without the loop, and the runtime only
 ever sees one call at a time; the event loop keeps serving RPCs (and cancellations) meanwhile.
 
