@@ -150,9 +150,13 @@ async def inspect(
     record = json_format.MessageToDict(
         reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(record, f)
-        f.write("\n")
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+            f.write("\n")
+    except OSError as exc:
+        print(f"trex-client: cannot write {out}: {exc.strerror}", file=sys.stderr)
+        return 2
     print(reply.answer, flush=True)
     return 0
 
@@ -165,8 +169,12 @@ def read_problems(args) -> list[str]:
             raise SystemExit("trex-client: give problems as arguments, or --file, or on stdin")
         text = sys.stdin.read()
     else:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise SystemExit(f"trex-client: cannot read {args.file}: {reason}") from None
     # NOTE: only line endings are stripped; other whitespace reaches the server, which
     # says what is wrong with it
     return text.splitlines()
@@ -178,7 +186,11 @@ def parse_args(argv=None):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("problems", nargs="*", help="problems such as 7669+10132=")
+    ap.add_argument(
+        "problems",
+        nargs="*",
+        help="problems such as 7669+10132=; put any that start with - after --",
+    )
     ap.add_argument(
         "--target",
         default=os.environ.get("TREX_TARGET", "localhost:50051"),
@@ -212,6 +224,8 @@ def parse_args(argv=None):
         ap.error("--out and --summary go with --inspect")
     if args.concurrency < 1:
         ap.error("--concurrency must be at least 1")
+    if args.timeout is not None and args.timeout <= 0:
+        ap.error("--timeout must be a positive number of seconds")
     return args
 
 

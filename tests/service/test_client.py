@@ -61,3 +61,16 @@ def test_unreachable_server_fails_every_problem():
     assert out.returncode == 1
     assert out.stdout.splitlines() == ["", ""]
     assert out.stderr.count("UNAVAILABLE") == 2
+
+
+def test_an_unreadable_problem_file_is_a_clear_error(tmp_path):
+    out = run_client(f"127.0.0.1:{free_port()}", "--file", str(tmp_path / "missing.txt"))
+    assert out.returncode != 0
+    assert "cannot read" in out.stderr and "missing.txt" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_problem_starting_with_a_sign_is_refused_by_the_server(server):
+    out = run_client(server.target, "--", "-1+2=")
+    assert out.returncode == 1
+    assert "INVALID_ARGUMENT" in out.stderr
