@@ -29,8 +29,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export import evaluate_onnx
-from export.verify import first_difference
+from export.verify import accuracy_summary, first_difference
 from service.runtime import Runtime
 from training import data, vocab
 from training.baseline import Baseline
@@ -251,14 +250,7 @@ def verify(model: Baseline, model_dir: Path, n_problems: int, seed: int = 1234) 
     bad = failures(parity)
     if bad:
         raise RuntimeError(f"{model_dir}: ONNX Runtime disagrees with torch: {'; '.join(bad)}")
-    report = evaluate_onnx.evaluate(rt, problems)
-    accuracy = {
-        "problems": report["problems"],
-        "seed": seed,
-        "accuracy": report["accuracy"],
-        "accuracy_by_operand_length": report["accuracy_by_operand_length"],
-    }
-    return {"parity": parity, "accuracy": accuracy}
+    return {"parity": parity, "accuracy": accuracy_summary(rt, problems, seed)}
 
 
 def failures(result: dict) -> list[str]:
