@@ -315,13 +315,22 @@ def test_passed_deadline_is_deadline_exceeded_and_frees_the_row(slow_server):
         solver(slow_server).Solve(solve_request("1+2="), timeout=0.3)
     assert expired.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
 
+    # the server counts the call when its handler ends, which can be a moment after
+    # the client's own deadline fired
+    expired_label = {"method": "Solve", "code": "DEADLINE_EXCEEDED"}
+    expired_before = metric(before, "trex_requests_total", **expired_label)
     samples = wait_for(
-        lambda: (s := slow_server.metrics()) and metric(s, "trex_queue_length") == 0 and s,
-        what="the expired problem to leave the queue",
+        lambda: (
+            (s := slow_server.metrics())
+            and metric(s, "trex_queue_length") == 0
+            and metric(s, "trex_requests_total", **expired_label) > expired_before
+            and s
+        ),
+        what="the expired problem to leave the queue and be counted",
     )
     assert metric(samples, "trex_active_rows") == 0
     for name, labels, increase in [
-        ("trex_requests_total", {"method": "Solve", "code": "DEADLINE_EXCEEDED"}, 1),
+        ("trex_requests_total", expired_label, 1),
         ("trex_compiler_forward_passes_total", {}, 0),  # it never reached the compiler
     ]:
         assert metric(samples, name, **labels) == metric(before, name, **labels) + increase
