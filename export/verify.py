@@ -225,18 +225,11 @@ def compare(
 
         # the served path decoding on its own
         tokens_o = rt.generate(ids.numpy())
-        for r, text in enumerate(texts):
-            want, got = vocab.decode(tokens_t[r].tolist()), rt.decode(tokens_o[r])
-            if want == got:
-                continue
-            t = first_difference(tokens_t[r].tolist(), tokens_o[r].tolist())
-            top2 = torch.topk(logits_t[r, t], 2).values
-            if float(top2[0] - top2[1]) < TIE_TOL:
-                near_ties += 1
-                continue
-            mismatches += 1
-            if len(examples) < 10:
-                examples.append({"problem": text, "torch": want, "onnx": got, "step": t})
+        differ, ties, found = compare_answers(
+            rt, texts, tokens_t.tolist(), tokens_o.tolist(), logits_t
+        )
+        mismatches, near_ties = mismatches + differ, near_ties + ties
+        examples = (examples + found)[:10]
     result = {
         "problems": len(problems),
         **stats,
@@ -258,6 +251,29 @@ def compare(
         near_ties,
     )
     return result
+
+
+def compare_answers(rt: Runtime, texts, torch_ids, onnx_ids, torch_logits):
+    """Rows whose decoded answers differ between torch and ONNX Runtime.
+
+    A difference where torch's two best logits, at the first differing step, are within
+    ``TIE_TOL`` is a near tie (rounding decides it), not a mismatch.
+    -> (mismatches, near ties, up to 10 examples)
+    """
+    mismatches, near_ties, examples = 0, 0, []
+    for r, text in enumerate(texts):
+        want, got = rt.decode(torch_ids[r]), rt.decode(onnx_ids[r])
+        if want == got:
+            continue
+        t = first_difference(torch_ids[r], onnx_ids[r])
+        top2 = torch.topk(torch_logits[r, t], 2).values
+        if float(top2[0] - top2[1]) < TIE_TOL:
+            near_ties += 1
+            continue
+        mismatches += 1
+        if len(examples) < 10:
+            examples.append({"problem": text, "torch": want, "onnx": got, "step": t})
+    return mismatches, near_ties, examples
 
 
 def first_difference(a: list[int], b: list[int]) -> int:

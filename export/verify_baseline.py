@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.verify import accuracy_summary, first_difference
+from export.verify import accuracy_summary, compare_answers
 from service.runtime import Runtime
 from training import data, vocab
 from training.baseline import Baseline
@@ -37,7 +37,6 @@ from training.baseline import Baseline
 log = logging.getLogger(__name__)
 
 LOGIT_TOL = 1e-4  # logits, keys and values, same inputs; and the whole-run drift of logits
-TIE_TOL = 1e-4  # torch's two best logits closer than this: rounding may pick either
 QUICK_PROBLEMS = ["7669+10132=", "0+0=", "9999999999+1=", "12+3456789=", "5+5="]
 
 
@@ -209,19 +208,11 @@ def compare(
 
         # (3) the served path decoding on its own
         tokens_o = rt.generate(ids.numpy())
-        for r, text in enumerate(texts):
-            want_ids, got_ids = ref.tokens[r].tolist(), tokens_o[r].tolist()
-            want, got = rt.decode(want_ids), rt.decode(got_ids)
-            if want == got:
-                continue
-            t = first_difference(want_ids, got_ids)
-            top2 = torch.topk(ref.logits[r, t], 2).values
-            if float(top2[0] - top2[1]) < TIE_TOL:
-                near_ties += 1
-                continue
-            mismatches += 1
-            if len(examples) < 10:
-                examples.append({"problem": text, "torch": want, "onnx": got, "step": t})
+        differ, ties, found = compare_answers(
+            rt, texts, ref.tokens.tolist(), tokens_o.tolist(), ref.logits
+        )
+        mismatches, near_ties = mismatches + differ, near_ties + ties
+        examples = (examples + found)[:10]
     result = {
         "problems": len(problems),
         **stats,
