@@ -20,14 +20,13 @@ from prometheus_client import CollectorRegistry
 
 from protos.trex.v1 import trex_pb2, trex_pb2_grpc
 from service.engine import Engine
-from service.errors import ExecutionFailed
 from service.metrics import Metrics
 from service.runtime import Runtime
 from service.scheduler import SchedulerConfig
 from tests.conftest import trained_baseline_checkpoint
 from tests.service.conftest import ServerProcess, chosen_baseline_dir, expected_tokens, metric
 from tests.service.test_client import run_client
-from tests.service.test_engine import FaultyRuntime
+from tests.service.test_engine import check_a_failing_problem_does_not_fail_its_batch_mates
 from training.data import held_out_set
 
 N_LOAD_PROBLEMS = 300
@@ -106,24 +105,7 @@ def test_engine_needs_the_forward_pass_count_to_match_the_model(runtime):
 
 @pytest.mark.parametrize("fail_in", ["compile", "step"])
 def test_a_failing_problem_does_not_fail_its_batch_mates(runtime, fail_in):
-    problems = ["1+2=", "12345+54321=", "7669+10132=", "999+1="]
-    bad = "12345+54321="
-    expected = dict(zip(problems, runtime.solve(problems)))
-
-    async def scenario():
-        engine = make_engine(FaultyRuntime(runtime, bad, fail_in))
-        engine.start()
-        outcomes = await asyncio.gather(
-            *(engine.solve(p) for p in problems), return_exceptions=True
-        )
-        await engine.stop()
-        return engine, dict(zip(problems, outcomes))
-
-    engine, outcomes = run(scenario())
-    assert isinstance(outcomes.pop(bad), ExecutionFailed)
-    for problem, request in outcomes.items():
-        assert runtime.decode(request.tokens) == expected[problem]
-    assert engine.scheduler.active_rows == 0
+    check_a_failing_problem_does_not_fail_its_batch_mates(runtime, fail_in, make_engine)
 
 
 # --- a real server on the baseline export ---
